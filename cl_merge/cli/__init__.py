@@ -1,0 +1,49 @@
+"""The ``cl-merge`` command. Each subcommand lives in its own module with
+``add_arguments(parser)`` and ``main(args) -> int``; imports are lazy so
+``cl-merge merge`` never pays for Lightning or open_clip."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "merge": ("cl_merge.cli.merge_cmd", "merge checkpoints (safetensors, sharded or not) with any strategy"),
+    "finetune": ("cl_merge.cli.finetune_cmd", "fine-tune one model on one task; write encoder + task vector"),
+    "run": ("cl_merge.cli.run_cmd", "run a scenario (no argument: the offline default benchmark)"),
+    "methods": ("cl_merge.cli.methods_cmd", "list merging strategies with their hyperparameters"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cl-merge", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sp)
+        sp.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cl_merge.errors import ClMergeError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args._module.main(args) or 0)
+    except ClMergeError as exc:
+        print(f"cl-merge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"cl-merge {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Merging strategies: one registry, one small file per strategy family.
+
+``merge(pretrained, finetuned, method=..., **hparams)`` is the stable entry
+point. Adding a strategy: write its file (a ``MergeMethod`` dataclass with
+``@register``) and import it below.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from cl_merge.core.state_dict import make_filter
+from cl_merge.merging.base import MergeMethod, PerTaskMergeResult, TensorStream, run_merge
+from cl_merge.merging.incremental import IncrementalMerger
+from cl_merge.merging.registry import available_methods, describe_methods, get_method, method_class, register
+
+# one line per strategy file
+from cl_merge.merging import task_arithmetic  # noqa: F401,E402
+
+Tensor = torch.Tensor
+
+
+def merge(
+    pretrained: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    method: str | MergeMethod = "task_arithmetic",
+    *,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    check_finite: bool = True,
+    **hparams,
+):
+    """Merge fine-tuned models that share the pretrained model ``pretrained``.
+
+    ``finetuned`` is a list of state dicts with the same keys and shapes as
+    ``pretrained``. Float entries selected by ``include``/``exclude`` globs
+    (``re:`` prefix for regexes) are merged; the rest are copied from
+    ``pretrained`` (integer/bool buffers must be equal everywhere). Returns a
+    new state dict in the pretrained dtypes, or a ``PerTaskMergeResult`` for
+    strategies with per-task parts (``tall_masks``, ``emr``).
+    """
+    if isinstance(method, MergeMethod):
+        if hparams:
+            raise TypeError("pass hyperparameters either in the MergeMethod or as keywords, not both")
+        strategy = method
+    else:
+        strategy = get_method(method, **hparams)
+    return run_merge(strategy, pretrained, finetuned, key_filter=make_filter(include, exclude), check=check_finite)
+
+
+def incremental_merger(pretrained: Mapping[str, Tensor], method: str = "task_arithmetic", *,
+                       include=None, exclude=None, **hparams) -> IncrementalMerger:
+    """Running merge, one task vector at a time (``.update(tv)``, ``.current()``)."""
+    return IncrementalMerger(get_method(method, **hparams), pretrained, make_filter(include, exclude))
+
+
+__all__ = [
+    "merge",
+    "incremental_merger",
+    "available_methods",
+    "describe_methods",
+    "get_method",
+    "method_class",
+    "register",
+    "MergeMethod",
+    "PerTaskMergeResult",
+    "TensorStream",
+    "IncrementalMerger",
+]

@@ -1,0 +1,253 @@
+"""The contract every merging strategy follows, and the engine that runs it.
+
+A strategy is a dataclass whose fields are its hyperparameters (with the
+paper's defaults). Its math is pure functions over float tensors:
+
+- ``merge_tensor(key, base, deltas, context) -> Tensor``: merged *weights*
+  for one entry, from the pretrained tensor ``base`` and the task vectors
+  ``deltas`` (one per fine-tuned model), all float32 (float64 where the
+  strategy sets ``compute_dtype``).
+- ``prepare(stream) -> context`` (optional): a pass over all entries before
+  merging, for strategies that need model-wide statistics (TIES' global top-k,
+  LiNeS' depth of every layer). ``stream`` can be iterated several times.
+- ``finalize(merged, context)`` (optional): wraps the merged dict, e.g. into a
+  ``PerTaskMergeResult`` for strategies that keep per-task parts.
+
+Strategies that can be computed one task at a time with memory that does not
+grow with the number of tasks also implement the incremental hooks
+(``incremental = True``): ``init_state`` / ``update_state`` / ``state_weights``,
+driven by ``IncrementalMerger``.
+
+The engine (``run_merge``) owns validation (keys, shapes, NaN/Inf, integer
+buffers), dtype handling and I/O; the strategies never see files, Lightning
+or models, and never mutate their inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+
+import torch
+
+from cl_merge.core.state_dict import (
+    DictSource,
+    KeyFilter,
+    check_finite,
+    copied_entry,
+    plan_merge,
+    source_name,
+)
+from cl_merge.errors import HyperparameterError, MergeInputError
+
+Tensor = torch.Tensor
+
+
+# ----------------------------------------------------------------- tensor streams
+class TensorStream:
+    """Re-iterable view over the merged entries: yields ``(key, base, deltas)``
+    with ``base`` the pretrained tensor and ``deltas`` the task vectors, in the
+    compute dtype, one entry at a time (a lazy checkpoint source is read one
+    tensor per model per step, so memory stays near one tensor per input)."""
+
+    def __init__(self, pretrained, finetuned: Sequence, keys: Sequence[str],
+                 compute_dtype: torch.dtype = torch.float32, check: bool = True,
+                 deltas_given: bool = False, raw_weights: bool = False):
+        self.pretrained = pretrained
+        self.finetuned = list(finetuned)
+        self.keys = list(keys)
+        self.compute_dtype = compute_dtype
+        self.check = check
+        self.deltas_given = deltas_given  # inputs are task vectors already
+        self.raw_weights = raw_weights  # yield fine-tuned weights instead of deltas
+
+    @property
+    def num_models(self) -> int:
+        return len(self.finetuned)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        src = self.pretrained
+        return tuple(src.shape(key)) if hasattr(src, "shape") else tuple(src.get(key).shape)
+
+    def load(self, key: str) -> tuple[Tensor, list[Tensor]]:
+        base = self.pretrained.get(key)
+        if self.check:
+            check_finite(key, base, f"the pretrained model ({source_name(self.pretrained)})")
+        base = base.to(self.compute_dtype)
+        deltas = []
+        for i, model in enumerate(self.finetuned):
+            value = model.get(key)
+            if self.check:
+                check_finite(key, value, f"fine-tuned model {i} ({source_name(model)})")
+            value = value.to(self.compute_dtype)
+            deltas.append(value if (self.deltas_given or self.raw_weights) else value - base)
+        return base, deltas
+
+    def __iter__(self) -> Iterator[tuple[str, Tensor, list[Tensor]]]:
+        for key in self.keys:
+            base, deltas = self.load(key)
+            yield key, base, deltas
+
+
+# ----------------------------------------------------------------- results
+class PerTaskMergeResult(Mapping[str, Tensor]):
+    """Result of strategies that keep per-task parts (TALL masks, EMR).
+
+    Behaves as the shared merged state dict (a Mapping), and
+    ``task_state_dict(i)`` gives the weights to use for task ``i``.
+    """
+
+    def __init__(self, shared: dict[str, Tensor], task_fn: Callable[[int], dict[str, Tensor]], num_tasks: int):
+        self.shared = shared
+        self._task_fn = task_fn
+        self.num_tasks = num_tasks
+
+    def __getitem__(self, key):
+        return self.shared[key]
+
+    def __iter__(self):
+        return iter(self.shared)
+
+    def __len__(self):
+        return len(self.shared)
+
+    def task_state_dict(self, index: int) -> dict[str, Tensor]:
+        if not 0 <= index < self.num_tasks:
+            raise IndexError(f"task index {index} out of range for {self.num_tasks} tasks")
+        return self._task_fn(index)
+
+
+# ----------------------------------------------------------------- the strategy base
+@dataclass
+class MergeMethod:
+    """Base class; subclasses are dataclasses of hyperparameters."""
+
+    name: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    incremental: ClassVar[bool] = False
+    min_models: ClassVar[int] = 1
+    max_models: ClassVar[int | None] = None
+    compute_dtype: ClassVar[torch.dtype] = torch.float32
+    per_task: ClassVar[bool] = False
+    # ``merge_tensor`` receives fine-tuned *weights* instead of task vectors
+    # (saves one subtraction per input for sums; the tensors may alias the inputs:
+    # never modify them in place)
+    uses_weights: ClassVar[bool] = False
+    # a NaN/Inf in any input surely reaches the output (sums, means): the engine
+    # then checks only the output and looks for the culprit input on failure,
+    # instead of scanning every input tensor
+    propagates_nonfinite: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- hyperparameters
+    def validate(self) -> None:
+        """Raise HyperparameterError for out-of-range values (override)."""
+
+    def hparams(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def hparam_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def check_num_models(self, n: int) -> None:
+        if n < 1:
+            raise MergeInputError("the list of fine-tuned models is empty: give at least one")
+        if n < self.min_models or (self.max_models is not None and n > self.max_models):
+            want = (str(self.min_models) if self.max_models == self.min_models
+                    else f"{self.min_models}..{self.max_models or 'any'}")
+            raise HyperparameterError(f"{self.name} merges {want} fine-tuned models, got {n}")
+
+    # -- batch form
+    def prepare(self, stream: TensorStream) -> Any:
+        return None
+
+    def merge_tensor(self, key: str, base: Tensor, deltas: list[Tensor], context: Any) -> Tensor:
+        raise NotImplementedError
+
+    def finalize(self, merged: dict[str, Tensor], context: Any, stream: TensorStream):
+        return merged
+
+    # -- incremental form (only where ``incremental = True``)
+    def prepare_task(self, key_deltas: "TensorStream") -> Any:
+        """Per-task statistics needed before ``update_state`` (e.g. TIES' global threshold)."""
+        return None
+
+    def init_state(self, key: str, base: Tensor) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{self.name} has no incremental form")
+
+    def update_state(self, key: str, base: Tensor, state: dict[str, Tensor], delta: Tensor,
+                     num_seen: int, task_context: Any) -> dict[str, Tensor]:
+        raise NotImplementedError(f"{self.name} has no incremental form")
+
+    def state_weights(self, key: str, base: Tensor, state: dict[str, Tensor], num_seen: int) -> Tensor:
+        raise NotImplementedError(f"{self.name} has no incremental form")
+
+
+# ----------------------------------------------------------------- helpers for strategies
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise HyperparameterError(message)
+
+
+def check_fraction(name: str, value: float, *, allow_zero: bool = False, method: str = "") -> None:
+    low_ok = value >= 0 if allow_zero else value > 0
+    interval = "[0, 1]" if allow_zero else "(0, 1]"
+    require(isinstance(value, (int, float)) and low_ok and value <= 1,
+            f"{method + ': ' if method else ''}{name} must be in {interval}, got {value!r}")
+
+
+def check_nonnegative(name: str, value: float, method: str = "") -> None:
+    require(isinstance(value, (int, float)) and value >= 0,
+            f"{method + ': ' if method else ''}{name} must be >= 0, got {value!r}")
+
+
+# ----------------------------------------------------------------- the engine
+def _as_source(obj, name: str):
+    if hasattr(obj, "get") and hasattr(obj, "keys") and not isinstance(obj, Mapping):
+        return obj
+    if isinstance(obj, Mapping):
+        return DictSource(obj, name)
+    raise MergeInputError(f"{name} must be a state dict (mapping of name to tensor), got {type(obj).__name__}")
+
+
+def run_merge(method: MergeMethod, pretrained, finetuned: Sequence, *,
+              key_filter: KeyFilter | None = None, check: bool = True,
+              progress: Callable[[Iterator], Iterator] | None = None):
+    """Merge with ``method``. ``pretrained`` and each of ``finetuned`` are state
+    dicts or lazy checkpoint readers (``cl_merge.core.io.CheckpointReader``).
+
+    Returns a new dict (or ``PerTaskMergeResult``) in the pretrained model's
+    dtypes; inputs are never modified.
+    """
+    if finetuned is None or len(finetuned) == 0:
+        raise MergeInputError("the list of fine-tuned models is empty: give at least one")
+    pre = _as_source(pretrained, "pretrained")
+    fts = [_as_source(m, f"fine-tuned model {i}") for i, m in enumerate(finetuned)]
+    method.check_num_models(len(fts))
+    plan = plan_merge(pre, fts, key_filter)
+    lazy_check = check and method.propagates_nonfinite
+    stream = TensorStream(pre, fts, plan.merge_keys, method.compute_dtype, check=check and not lazy_check,
+                          raw_weights=method.uses_weights)
+    context = method.prepare(stream)
+    merged: dict[str, Tensor] = {}
+    keys_iter = iter(stream)
+    if progress is not None:
+        keys_iter = progress(keys_iter)
+    out_dtypes = {}
+    for key, base, deltas in keys_iter:
+        out_dtypes[key] = pre.dtype(key) if hasattr(pre, "dtype") else pre.get(key).dtype
+        result = method.merge_tensor(key, base, deltas, context)
+        if lazy_check and not bool(torch.isfinite(result).all()):
+            stream.check = True
+            stream.load(key)  # raises, naming the input and tensor
+            stream.check = False
+            raise MergeInputError(f"merging {key!r} produced NaN/Inf from finite inputs (overflow in {result.dtype})")
+        merged[key] = result.to(out_dtypes[key])
+    ordered: dict[str, Tensor] = {}
+    for key in pre.keys():
+        ordered[key] = merged[key] if key in merged else copied_entry(key, pre, fts)
+    return method.finalize(ordered, context, stream)

@@ -1,0 +1,100 @@
+"""Incremental merging: a running state updated with one task vector at a
+time, for the continual runner. Memory is the pretrained model plus the
+strategy's fixed-size per-entry state, whatever the number of tasks.
+
+The state can be saved and restored (``state_dict`` / ``load_state_dict``),
+so a continual run resumes after the last merged task.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from cl_merge.core.state_dict import DictSource, KeyFilter, check_finite, is_float_dtype
+from cl_merge.errors import HyperparameterError, MergeInputError
+from cl_merge.merging.base import MergeMethod, TensorStream
+
+Tensor = torch.Tensor
+_SEP = "::"
+
+
+class IncrementalMerger:
+    def __init__(self, method: MergeMethod, pretrained: Mapping[str, Tensor],
+                 key_filter: KeyFilter | None = None):
+        if not method.incremental:
+            raise HyperparameterError(f"{method.name} has no incremental form; merge the task vectors in one batch")
+        self.method = method
+        self.pretrained = pretrained
+        key_filter = key_filter or KeyFilter()
+        self.keys = [k for k, v in pretrained.items() if is_float_dtype(v.dtype) and key_filter.selects(k)]
+        if not self.keys:
+            raise MergeInputError("no entries to merge: the include/exclude patterns left no floating-point tensor")
+        dtype = method.compute_dtype
+        self.states = {k: method.init_state(k, pretrained[k].to(dtype)) for k in self.keys}
+        self.num_seen = 0
+
+    def update(self, task_vector: Mapping[str, Tensor]) -> None:
+        """Fold in one task vector (τ = θ_ft − θ0, e.g. a ``TaskVector``)."""
+        missing = [k for k in self.keys if k not in task_vector]
+        if missing:
+            raise MergeInputError(f"task vector lacks key {missing[0]!r}")
+        for key in self.keys:
+            if tuple(task_vector[key].shape) != tuple(self.pretrained[key].shape):
+                raise MergeInputError(
+                    f"shape mismatch for {key!r}: pretrained {list(self.pretrained[key].shape)}, "
+                    f"task vector {list(task_vector[key].shape)}"
+                )
+            check_finite(key, task_vector[key], f"task vector {self.num_seen}")
+        stream = TensorStream(DictSource(self.pretrained, "pretrained"), [DictSource(task_vector, "task vector")],
+                              self.keys, self.method.compute_dtype, check=False, deltas_given=True)
+        context = self.method.prepare_task(stream)
+        for key, base, (delta,) in stream:
+            self.states[key] = self.method.update_state(key, base, self.states[key], delta, self.num_seen, context)
+        self.num_seen += 1
+
+    def update_finetuned(self, finetuned: Mapping[str, Tensor]) -> None:
+        """Fold in one fine-tuned model (its task vector is computed here)."""
+        dtype = self.method.compute_dtype
+        self.update({k: finetuned[k].to(dtype) - self.pretrained[k].to(dtype) for k in self.keys})
+
+    def current(self) -> dict[str, Tensor]:
+        """Merged weights of the tasks seen so far, in the pretrained dtypes
+        (the pretrained model itself before any update)."""
+        if self.num_seen == 0:
+            return dict(self.pretrained)
+        out = {}
+        dtype = self.method.compute_dtype
+        for key, value in self.pretrained.items():
+            if key in self.states:
+                weights = self.method.state_weights(key, value.to(dtype), self.states[key], self.num_seen)
+                out[key] = weights.to(value.dtype)
+            else:
+                out[key] = value
+        return out
+
+    # -------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Tensor]:
+        flat = {f"{key}{_SEP}{name}": t for key, st in self.states.items() for name, t in st.items()}
+        flat[f"{_SEP}num_seen"] = torch.tensor(self.num_seen)
+        return flat
+
+    def load_state_dict(self, flat: Mapping[str, Tensor]) -> None:
+        if f"{_SEP}num_seen" not in flat:
+            raise MergeInputError("incremental merge state lacks its task counter")
+        states: dict[str, dict[str, Tensor]] = {k: {} for k in self.keys}
+        for full, tensor in flat.items():
+            if full == f"{_SEP}num_seen":
+                continue
+            key, _, name = full.rpartition(_SEP)
+            if key not in states:
+                raise MergeInputError(f"incremental merge state has unknown key {key!r}")
+            states[key][name] = tensor
+        expected = {name for name in self.states[self.keys[0]]}
+        for key, st in states.items():
+            if set(st) != set(self.states[key]):
+                raise MergeInputError(f"incremental merge state for {key!r} has fields {sorted(st)}, "
+                                      f"expected {sorted(expected)}")
+        self.states = states
+        self.num_seen = int(flat[f"{_SEP}num_seen"])
