@@ -44,6 +44,8 @@ def _as_matrix(matrix) -> np.ndarray:
         arr = np.asarray(matrix, dtype=float)
     except (TypeError, ValueError):
         raise MetricsInputError("accuracy matrix: rows have different lengths or non-numeric entries") from None
+    if arr.size == 0:
+        raise MetricsInputError(f"accuracy matrix: empty (shape {arr.shape})")
     if arr.ndim == 1:
         raise MetricsInputError(
             f"accuracy matrix: expected 2-D (stages x tasks), got 1-D of length {arr.shape[0]}"

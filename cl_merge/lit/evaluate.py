@@ -1,0 +1,99 @@
+"""Accuracy of (encoder weights, head) on a dataset: a plain no-grad loop,
+no Trainer, used after every merge.
+
+The encoder weights are applied with ``torch.func.functional_call``, so
+evaluating a merged state dict neither copies the model nor changes the
+weights the model holds.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cl_merge.errors import DataError
+from cl_merge.models.base import TaskModel, check_state_dict_fits
+
+
+class _TransformCollate:
+    """Collate ``(image, label)`` pairs, transforming PIL images and passing
+    tensors (already transformed, e.g. from ``cache_tensors``) through."""
+
+    def __init__(self, transform: Callable):
+        self.transform = transform
+
+    def __call__(self, batch):
+        images = [img if isinstance(img, torch.Tensor) else self.transform(img) for img, _ in batch]
+        labels = torch.as_tensor([int(label) for _, label in batch], dtype=torch.long)
+        return torch.stack(images), labels
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: TaskModel,
+    encoder_state: Mapping[str, torch.Tensor] | None,
+    head: nn.Module,
+    dataset,
+    batch_size: int = 256,
+    *,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    transform: Callable | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits [N, C], labels [N]) on CPU, in dataset order."""
+    if len(dataset) == 0:
+        raise DataError("cannot evaluate on an empty dataset")
+    device = torch.device(device) if device is not None else model.device
+    encoder = model.encoder
+    params = None
+    if encoder_state is not None:
+        check_state_dict_fits(encoder.state_dict(), encoder_state, strict=True, what=f"{model.name} encoder")
+        params = {k: v.to(device) for k, v in encoder_state.items()}
+    if device != model.device:
+        model.to(device)
+    head = head.to(device)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_TransformCollate(transform or model.preprocess(train=False)),
+    )
+    was_training, head_training = encoder.training, head.training
+    encoder.eval()
+    head.eval()
+    all_logits, all_labels = [], []
+    try:
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            features = torch.func.functional_call(encoder, params, (images,)) if params is not None else encoder(images)
+            all_logits.append(head(features).float().cpu())
+            all_labels.append(labels)
+    finally:
+        encoder.train(was_training)
+        head.train(head_training)
+    return torch.cat(all_logits), torch.cat(all_labels)
+
+
+def evaluate(
+    model: TaskModel,
+    encoder_state: Mapping[str, torch.Tensor] | None,
+    head: nn.Module,
+    dataset,
+    batch_size: int = 256,
+    *,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    transform: Callable | None = None,
+) -> float:
+    """Top-1 accuracy in [0, 1] of ``head(encoder(x))`` with the encoder's
+    weights replaced by ``encoder_state`` (``None``: the model's own).
+    Images that are PIL go through ``transform`` (default: the model's
+    evaluation preprocessing); tensors are used as they are."""
+    logits, labels = predict_logits(
+        model, encoder_state, head, dataset, batch_size, device=device, num_workers=num_workers, transform=transform
+    )
+    return float((logits.argmax(dim=-1) == labels).float().mean())

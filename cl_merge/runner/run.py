@@ -1,0 +1,187 @@
+"""``run_scenario``: every order of a scenario through the stage loop, then
+the results: ``metrics.json`` + ``accuracy_matrix*.csv`` (see
+``docs/run_folder.md``), plots, wandb (offline by default), a summary table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from cl_merge.metrics import AccuracyMatrix
+from cl_merge.runner.folder import RunFolder
+from cl_merge.runner.loop import OrderRun, StepHook, _noop_hook, accuracy_rows
+
+
+@dataclasses.dataclass
+class RunOptions:
+    out_dir: Path
+    data_root: str | None = None
+    download: bool = False
+    accelerator: str = "auto"
+    wandb_mode: str = "offline"  # offline | online | disabled
+    progress: bool = True
+    hook: StepHook = _noop_hook
+    log: Callable[[str], None] = print
+
+
+def resolve_pretrained(scenario, options: RunOptions):
+    """The scenario's model spec with the offline tag replaced by the cached
+    weights file (pretraining them first, once)."""
+    from cl_merge.pretrain import OFFLINE_TAG, ensure_offline_clip
+
+    spec = scenario.model
+    pretrained = spec.pretrained
+    if spec.family == "clip" and pretrained == OFFLINE_TAG:
+        pretrained = str(ensure_offline_clip(data_root=options.data_root, progress=options.progress,
+                                             log=options.log))
+    return pretrained
+
+
+def run_scenario(scenario, options: RunOptions):
+    """Run (or resume) ``scenario`` into ``options.out_dir``; returns the RunRecords."""
+    from cl_merge.models import create_model
+    from cl_merge.report import aggregate_runs, print_summary
+    from cl_merge.runner.evaluation import TaskPool
+    from cl_merge.runner.finetuning import StageFinetuner
+
+    root = Path(options.out_dir)
+    resolved = scenario.to_dict()
+    fingerprint = scenario.fingerprint()
+    top = RunFolder(root, fingerprint, resolved)
+    pretrained = resolve_pretrained(scenario, options)
+    model = create_model(scenario.model.family, scenario.model.name, pretrained, init_seed=scenario.seed)
+    orders = scenario.expand_orders()
+    logger = _RunLogger(scenario, root, options.wandb_mode)
+    records = []
+    for index, stages in enumerate(orders):
+        folder = top if len(orders) == 1 else RunFolder(root / f"order-{index:02d}", fingerprint, resolved)
+        if len(orders) > 1:
+            options.log(f"order {index + 1}/{len(orders)}: {' -> '.join(s.name for s in stages)}")
+        finetuner = StageFinetuner(scenario, pretrained, model, folder, options)
+        pool = TaskPool(scenario, model, data_root=options.data_root, download=options.download,
+                        head_loader=finetuner.head_loader)
+        finetuner.pool = pool
+        order_run = OrderRun(scenario, stages, folder, pool, finetuner=finetuner, hook=options.hook,
+                             progress=options.progress, log=options.log)
+        finetuner.order_run = order_run
+        raw = order_run.run()
+        record = build_run_record(scenario, order_run, raw, index, fingerprint, folder.root)
+        from cl_merge.report import write_run_folder
+
+        write_run_folder(folder.root, record)
+        write_plots(record, folder.root)
+        logger.log_order(record)
+        records.append(record)
+    if len(orders) > 1:
+        from cl_merge.report import write_csv, write_markdown
+        from cl_merge.report.plots import plot_aggregate_curves
+
+        aggregate = aggregate_runs(records)
+        write_markdown(aggregate, root / "summary.md")
+        write_csv(aggregate, root / "summary.csv")
+        plot_aggregate_curves(aggregate, root / "plots" / "accuracy_vs_tasks.png", title=scenario.name)
+        print_summary(aggregate)
+    else:
+        from cl_merge.report import write_csv, write_markdown
+
+        write_markdown(records[0], root / "summary.md")
+        write_csv(records[0], root / "summary.csv")
+        print_summary(records[0])
+    logger.finish()
+    options.log(f"results in {root}")
+    return records
+
+
+def build_run_record(scenario, order_run: OrderRun, raw, order_index: int, fingerprint: str, folder: Path):
+    from cl_merge.report import ResultRecord, RunRecord
+
+    tasks = order_run.task_names
+    matrices = accuracy_rows(raw, tasks)
+    aware = accuracy_rows(raw, tasks, suffix="/task_aware") if scenario.setting == "class_incremental" else {}
+    final_only = not order_run.eval_every_stage
+
+    def per_task(row_name):
+        matrix = matrices.get(row_name)
+        if not matrix:
+            return None
+        return {task: matrix[-1][i] for i, task in enumerate(tasks) if not math.isnan(matrix[-1][i])}
+
+    reference = per_task("zero_shot")
+    individual = per_task("individual")
+    results = []
+    for row in order_run.rows:
+        kind = "method" if row.kind == "method" else "baseline"
+        views = [(matrices.get(row.name), None)]
+        if scenario.setting == "class_incremental":
+            views = [(matrices.get(row.name), "task_agnostic"), (aware.get(row.name), "task_aware")]
+        for values, acc_type in views:
+            if not values:
+                continue
+            hparams = dict(row.hparams)
+            if row.kind == "method":
+                last = raw[row.name][max(raw[row.name])]
+                if last.get("scaling") is not None:
+                    hparams["scaling"] = last["scaling"]
+            if final_only or row.kind == "zero_shot":
+                final = {t: values[-1][i] for i, t in enumerate(tasks) if not math.isnan(values[-1][i])}
+                results.append(ResultRecord.from_per_task(row.name, final, kind=kind, method=row.method,
+                                                          hyperparameters=hparams, individual=individual,
+                                                          accuracy_type=acc_type))
+                continue
+            matrix = AccuracyMatrix.from_numpy(values, tasks, stages=[f"after {t}" for t in tasks[:len(values)]])
+            results.append(ResultRecord.from_matrix(row.name, matrix, kind=kind, method=row.method,
+                                                    hyperparameters=hparams, reference=reference,
+                                                    individual=individual, accuracy_type=acc_type))
+    return RunRecord(scenario=scenario.name, tasks=list(tasks), results=results, order_index=order_index,
+                     fingerprint=fingerprint, setting=scenario.setting, seed=scenario.seed, folder=folder)
+
+
+def write_plots(record, folder: Path) -> None:
+    from cl_merge.report.plots import plot_accuracy_curves, plot_accuracy_matrix
+
+    curves = {}
+    for res in record.results:
+        if res.matrix is None:
+            continue
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in res.label)
+        plot_accuracy_matrix(res.matrix, folder / "plots" / f"accuracy_matrix.{safe}.png", title=res.label)
+        curve = res.metrics.get("accuracy_curve")
+        if curve is None:
+            arr = res.matrix.to_numpy()
+            curve = [float(sum(x for x in arr[t, : t + 1]) / (t + 1)) for t in range(arr.shape[0])]
+        curves[res.label] = curve
+    if curves:
+        plot_accuracy_curves(curves, folder / "plots" / "accuracy_vs_tasks.png", title=record.scenario)
+
+
+class _RunLogger:
+    """wandb for the whole run (offline unless asked otherwise; never needs an
+    API key) — the fine-tunes log through Lightning's own loggers."""
+
+    def __init__(self, scenario, root: Path, mode: str):
+        self.run = None
+        if mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            return
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(project="cl_merge", name=scenario.name, dir=str(root), mode=mode,
+                              config=scenario.to_dict(), reinit="finish_previous")
+
+    def log_order(self, record) -> None:
+        if self.run is None:
+            return
+        for res in record.results:
+            for key, value in res.metrics.items():
+                if isinstance(value, (int, float)) and value is not None:
+                    self.run.summary[f"order{record.order_index}/{res.label}/{key}"] = value
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

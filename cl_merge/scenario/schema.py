@@ -1,0 +1,156 @@
+"""Typed scenario schema: what a ``scenarios/*.yaml`` file may say.
+
+Every field here is validated by :func:`cl_merge.config.from_dict`; the
+cross-field rules (class splits, settings, orders) live in
+:mod:`cl_merge.scenario.loader`. ``docs/scenarios.md`` documents the YAML.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from cl_merge.config import to_dict
+
+Setting = Literal["task_incremental", "class_incremental", "domain_incremental", "multi_task", "few_shot"]
+Init = Literal["pretrained", "previous_finetuned", "previous_merged"]
+
+
+@dataclass
+class ModelSpec:
+    """Which pretrained model every stage starts from (θ0)."""
+
+    family: Literal["clip", "vit"]
+    name: str
+    pretrained: str | None = None  # open_clip pretrained tag / timm pretrained_cfg; None = random init
+
+
+@dataclass
+class StageSpec:
+    """One stage of the sequence: a task to fine-tune on (or a checkpoint to bring)."""
+
+    dataset: str
+    name: str | None = None  # unique label; filled from dataset/variant when omitted
+    classes: list[int] | None = None  # subset of the dataset's class indices (class splits)
+    variant: str | None = None  # input transformation, e.g. rotate90, invert (domain-incremental)
+    k_shot: int | None = None  # labelled examples per class for training (few-shot)
+    checkpoint: str | None = None  # already fine-tuned weights: no training at this stage
+
+
+@dataclass
+class SplitSpec:
+    """Class-incremental shorthand: ``dataset`` cut into ``num_tasks`` contiguous class splits."""
+
+    dataset: str
+    num_tasks: int
+    class_order_seed: int | None = None  # None: classes 0..C-1 in order; int: seeded permutation first
+    num_classes: int | None = None  # only needed when the dataset registry does not know the dataset
+    variant: str | None = None
+
+
+@dataclass
+class MergeSpec:
+    """A merging strategy and its hyperparameters (names as in ``cl_merge.merging``)."""
+
+    method: str
+    name: str | None = None  # row label in tables; defaults to ``method``
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    scaling_grid: list[float] | None = None  # candidate ``scaling`` values, chosen on the validation split
+
+
+@dataclass
+class BaselinesSpec:
+    zero_shot: bool = True  # θ0 on every task (also the FWT reference b_i)
+    individual: bool = True  # each task's own fine-tuned model (normalized-accuracy denominator)
+    sequential_finetune: bool = False  # fine-tune stage after stage with no merging
+    task_arithmetic: bool = False  # plain task arithmetic next to the methods under study
+
+
+@dataclass
+class TrainSpec:
+    """Overrides of the fine-tuning recipe; ``None`` keeps the model preset's value."""
+
+    max_steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    weight_decay: float | None = None
+    warmup_steps: int | None = None
+    optimizer: Literal["adam", "adamw", "sgd"] | None = None
+    scheduler: Literal["cosine", "constant", "linear"] | None = None
+    grad_clip: float | None = None
+    label_smoothing: float | None = None
+    max_train: int | None = None  # cap on training examples per task (quick runs)
+
+
+@dataclass
+class EvalSpec:
+    batch_size: int = 128
+    max_test: int | None = None  # cap on test examples per task
+    forward_transfer: bool = False  # also evaluate tasks not seen yet (fills the upper triangle)
+    task_aware: bool = True  # class-incremental: report task-aware accuracy beside the union head
+    split: Literal["test", "validation"] = "test"
+
+
+@dataclass
+class CalibrationSpec:
+    """Data for data-based merging (AdaMerging, RegMean, ...), never taken from the test split."""
+
+    n_per_class: int
+    labeled: bool = False
+    split: Literal["train", "validation"] = "train"
+    seed: int | None = None  # None: the scenario seed
+
+
+@dataclass
+class Scenario:
+    """A validated scenario. ``stages`` is fully expanded (class splits resolved)."""
+
+    name: str
+    setting: Setting
+    model: ModelSpec
+    stages: list[StageSpec] = field(default_factory=list)  # or filled from ``split``
+    description: str = ""
+    split: SplitSpec | None = None
+    order: Literal["fixed", "random"] = "fixed"
+    orders: int = 1
+    order_seed: int = 0
+    init: Init = "pretrained"
+    methods: list[MergeSpec] = field(default_factory=list)
+    baselines: BaselinesSpec = field(default_factory=BaselinesSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    calibration: CalibrationSpec | None = None
+    k_shot: int | None = None  # default k for few-shot stages
+    seed: int = 0
+
+    @property
+    def task_names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    def method_names(self) -> list[str]:
+        return [m.name or m.method for m in self.methods]
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def fingerprint(self) -> str:
+        """Stable hash of the resolved config (name and description excluded):
+        a run folder written under one fingerprint is not resumed under another."""
+        body = self.to_dict()
+        body.pop("name", None)
+        body.pop("description", None)
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def expand_orders(self) -> list[list[StageSpec]]:
+        """The stage sequences to run: ``[stages]`` for a fixed order, else
+        ``orders`` seeded permutations (see :func:`cl_merge.scenario.orders.expand_orders`)."""
+        from cl_merge.scenario.orders import expand_orders
+
+        return expand_orders(self)

@@ -1,0 +1,306 @@
+#!/usr/bin/env python
+"""Time the data-free merging strategies on ViT-B/32-sized inputs.
+
+Builds a pretrained model shaped like open_clip's ``ViT-B-32`` visual tower
+(random init, 87.8M parameters) and N fine-tuned copies (pretrained + small
+seeded noise), writes them as safetensors to a temp folder, then runs every
+(method, mode, N) in its own subprocess for a clean peak-memory reading:
+
+- ``memory``: inputs loaded into state dicts first, then ``cl_merge.merge``;
+- ``stream``: lazy safetensors readers (``run_merge`` reads one tensor per
+  model at a time), as ``cl-merge merge`` does.
+
+Reported per run: wall time of the merge, its ratio to one read pass over all
+inputs (the bandwidth floor of any merge), and the peak RSS above the level
+before the merge (VmRSS, and RssAnon, which leaves out the file-backed pages
+of the inputs' page cache that an mmap reader touches).
+
+    python scripts/bench_merge.py --quick                      # small shapes, seconds
+    python scripts/bench_merge.py --methods task_arithmetic,ties,ties:topk_scope=per_tensor
+    python scripts/bench_merge.py --models 2,4,8 --modes stream --methods task_arithmetic
+    python scripts/bench_merge.py --against fusion_bench
+
+A method spec is ``name`` or ``name:param=value:param=value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+GB = 1e9
+FLOOR = "read pass (floor)"
+FB_METHODS = ("fusion_bench:task_arithmetic", "fusion_bench:ties")
+
+
+# ----------------------------------------------------------------- inputs
+def vit_visual_shapes(width: int, layers: int, patch: int = 32, image: int = 224, out_dim: int = 512) -> dict:
+    """Key -> shape of an open_clip VisionTransformer (used for --quick)."""
+    grid = image // patch
+    shapes = {"class_embedding": (width,), "positional_embedding": (grid * grid + 1, width),
+              "proj": (width, out_dim), "conv1.weight": (width, 3, patch, patch),
+              "ln_pre.weight": (width,), "ln_pre.bias": (width,)}
+    for i in range(layers):
+        p = f"transformer.resblocks.{i}."
+        shapes.update({
+            p + "ln_1.weight": (width,), p + "ln_1.bias": (width,),
+            p + "attn.in_proj_weight": (3 * width, width), p + "attn.in_proj_bias": (3 * width,),
+            p + "attn.out_proj.weight": (width, width), p + "attn.out_proj.bias": (width,),
+            p + "ln_2.weight": (width,), p + "ln_2.bias": (width,),
+            p + "mlp.c_fc.weight": (4 * width, width), p + "mlp.c_fc.bias": (4 * width,),
+            p + "mlp.c_proj.weight": (width, 4 * width), p + "mlp.c_proj.bias": (width,),
+        })
+    shapes.update({"ln_post.weight": (width,), "ln_post.bias": (width,)})
+    return shapes
+
+
+def build_inputs(folder: Path, num_models: int, quick: bool, seed: int = 0) -> list[Path]:
+    import torch
+
+    import cl_merge  # noqa: F401  (torchvision compat before open_clip)
+    from cl_merge.core.io import save_state_dict
+
+    gen = torch.Generator().manual_seed(seed)
+    if quick:
+        pre = {k: 0.02 * torch.randn(s, generator=gen) for k, s in vit_visual_shapes(192, 4).items()}
+    else:
+        import open_clip
+
+        torch.manual_seed(seed)  # open_clip's init draws from the global RNG
+        pre = open_clip.create_model("ViT-B-32", pretrained=None).visual.state_dict()
+    paths = [save_state_dict(pre, folder / "pretrained.safetensors")]
+    for i in range(num_models):
+        ft = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in pre.items()}
+        paths.append(save_state_dict(ft, folder / f"finetuned_{i}.safetensors"))
+        del ft
+    return paths
+
+
+# ----------------------------------------------------------------- measuring (worker side)
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+class PeakSampler:
+    """Background sampler of VmRSS / RssAnon (every 2 ms)."""
+
+    def __init__(self):
+        self.base_rss, self.base_anon = _status_kb("VmRSS"), _status_kb("RssAnon")
+        self.peak_rss, self.peak_anon = self.base_rss, self.base_anon
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak_rss = max(self.peak_rss, _status_kb("VmRSS"))
+            self.peak_anon = max(self.peak_anon, _status_kb("RssAnon"))
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._run_once()
+
+    def _run_once(self):
+        self.peak_rss = max(self.peak_rss, _status_kb("VmRSS"))
+        self.peak_anon = max(self.peak_anon, _status_kb("RssAnon"))
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    from cl_merge.config import parse_value
+
+    name, *items = spec.split(":")
+    if name == "fusion_bench":
+        return spec, {}
+    return name, {k: parse_value(v) for k, v in (item.split("=", 1) for item in items)}
+
+
+def fusion_bench_merge(kind: str, pre: dict, fts: list[dict]):
+    """FusionBench 0.2.x through its public helpers, as its algorithms call them."""
+    import torch
+
+    if kind == "task_arithmetic":
+        from fusion_bench.utils.state_dict_arithmetic import state_dict_add, state_dict_mul, state_dict_sub
+
+        total = None
+        for ft in fts:
+            tv = state_dict_sub(ft, pre)
+            total = tv if total is None else state_dict_add(total, tv)
+        return state_dict_add(pre, state_dict_mul(total, 0.3))
+    from fusion_bench.method.ties_merging.ties_merging_utils import (
+        state_dict_to_vector,
+        ties_merging,
+        vector_to_state_dict,
+    )
+
+    flat_ft = torch.vstack([state_dict_to_vector(ft, []) for ft in fts])
+    flat_pre = state_dict_to_vector(pre, [])
+    merged_tv = ties_merging(flat_ft - flat_pre, reset_thresh=20, merge_func="sum")
+    return vector_to_state_dict(flat_pre + 0.3 * merged_tv, pre, remove_keys=[])
+
+
+def worker(job: dict) -> dict:
+    import torch
+
+    import cl_merge
+    from cl_merge.core.io import load_state_dict, open_checkpoint
+    from cl_merge.errors import ClMergeError
+    from cl_merge.merging import get_method, run_merge
+
+    paths = job["paths"]
+    spec, mode = job["method"], job["mode"]
+    if mode == "memory":
+        inputs = [load_state_dict(p) for p in paths]
+    else:
+        inputs = [open_checkpoint(p) for p in paths]
+    pre, fts = inputs[0], inputs[1:]
+    with torch.no_grad():
+        if spec.startswith("fusion_bench:"):
+            try:
+                import fusion_bench  # noqa: F401
+            except ImportError:
+                return {"error": "fusion_bench not installed"}
+            run = lambda: fusion_bench_merge(spec.split(":", 1)[1], pre, fts)  # noqa: E731
+        elif spec == FLOOR:
+            if mode == "memory":
+                run = lambda: [float(v.sum()) for sd in inputs for v in sd.values() if v.is_floating_point()]  # noqa: E731
+            else:
+                run = lambda: [r.get(k).numel() for r in inputs for k in r.keys()]  # noqa: E731
+        else:
+            name, hparams = parse_spec(spec)
+            try:
+                strategy = get_method(name, **hparams)
+            except ClMergeError as exc:
+                return {"error": str(exc)}
+            run = lambda: run_merge(strategy, pre, fts)  # noqa: E731
+        with PeakSampler() as sampler:
+            start = time.perf_counter()
+            try:
+                result = run()
+            except ClMergeError as exc:
+                return {"error": str(exc).splitlines()[0][:80]}
+            seconds = time.perf_counter() - start
+        del result
+    return {"seconds": seconds, "peak_rss_gb": (sampler.peak_rss - sampler.base_rss) * 1024 / GB,
+            "peak_anon_gb": (sampler.peak_anon - sampler.base_anon) * 1024 / GB, "cl_merge": cl_merge.__version__}
+
+
+# ----------------------------------------------------------------- driver
+def run_job(job: dict, timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timeout after {timeout:.0f} s"}
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["?"])[-1]
+        return {"error": f"exit {done.returncode}: {tail[:100]}"}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def default_methods() -> list[str]:
+    import cl_merge
+
+    names = cl_merge.available_methods()
+    out = []
+    for name in names:
+        out.append(name)
+        if name in ("ties", "dare_ties"):
+            out.append(f"{name}:topk_scope=per_tensor")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="8", help="numbers of fine-tuned models, comma separated (2,4,8)")
+    parser.add_argument("--methods", default=None, help="comma-separated method specs (default: all registered)")
+    parser.add_argument("--skip", default="", help="comma-separated method names to leave out (e.g. slow SVD ones)")
+    parser.add_argument("--modes", default="memory,stream", help="memory, stream or both")
+    parser.add_argument("--quick", action="store_true", help="small ViT shapes (4 blocks of width 192)")
+    parser.add_argument("--against", default=None, choices=["fusion_bench"], help="also time FusionBench TA and TIES")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
+    parser.add_argument("--workdir", default=None, help="folder for the generated inputs (default: a temp folder)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    counts = sorted({int(n) for n in args.models.split(",")})
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else default_methods()
+    methods = [m for m in methods if m.split(":")[0] not in skip]
+    if args.against == "fusion_bench":
+        methods += list(FB_METHODS)
+
+    folder = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_merge_"))
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        paths = [str(p) for p in build_inputs(folder, max(counts), args.quick)]
+        size = sum(os.path.getsize(p) for p in paths[: max(counts) + 1]) / GB
+        print(f"inputs: 1 pretrained + {max(counts)} fine-tuned, {size:.2f} GB of fp32 safetensors "
+              f"(built in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+        rows = []
+        for count in counts:
+            job_paths = paths[: count + 1]
+            for mode in modes:
+                floor = run_job({"paths": job_paths, "method": FLOOR, "mode": mode}, args.timeout)
+                rows.append((FLOOR, mode, count, floor, floor.get("seconds")))
+                for spec in methods:
+                    if spec.startswith("fusion_bench:") and mode != "memory":
+                        continue
+                    result = run_job({"paths": job_paths, "method": spec, "mode": mode}, args.timeout)
+                    rows.append((spec, mode, count, result, floor.get("seconds")))
+                    print(f"  {spec} [{mode}, N={count}]: {result}", file=sys.stderr)
+        print(format_table(rows, quick=args.quick))
+    finally:
+        if not args.workdir:
+            shutil.rmtree(folder, ignore_errors=True)
+    return 0
+
+
+def format_table(rows, quick: bool) -> str:
+    shape = "ViT-B/32-like quick shapes (4×192)" if quick else "open_clip ViT-B-32 visual (87.8M params, fp32)"
+    out = [f"Inputs: {shape}; peak memory is above the level before the merge.", "",
+           "| method | mode | N | time (s) | × read floor | peak ΔRSS (GB) | peak ΔAnon (GB) |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    fb = {}
+    for spec, mode, count, result, floor in rows:
+        if "error" in result:
+            out.append(f"| {spec} | {mode} | {count} | {result['error']} | | | |")
+            continue
+        ratio = f"{result['seconds'] / floor:.1f}" if floor else ""
+        out.append(f"| {spec} | {mode} | {count} | {result['seconds']:.2f} | {ratio} | "
+                   f"{result['peak_rss_gb']:.2f} | {result['peak_anon_gb']:.2f} |")
+        fb[(spec, mode, count)] = result["seconds"]
+    ratios = []
+    for kind, ours in (("task_arithmetic", "task_arithmetic"), ("ties", "ties")):
+        for (spec, mode, count), seconds in fb.items():
+            if spec == f"fusion_bench:{kind}" and (ours, mode, count) in fb:
+                ratios.append(f"- {kind}, N={count}: FusionBench {seconds:.2f} s / cl_merge "
+                              f"{fb[(ours, mode, count)]:.2f} s = {seconds / fb[(ours, mode, count)]:.1f}× faster")
+    if ratios:
+        out += ["", "Speed-up over FusionBench (same inputs, same run):", *ratios]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
