@@ -117,14 +117,14 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1:  # Optional[X]: X's own error is the precise one
+            return _coerce(members[0], value, where)
+        for arg in members:
             try:
                 return _coerce(arg, value, where)
-            except ConfigError as exc:
-                errors.append(exc)
+            except ConfigError:
+                pass
         expected = " or ".join(_type_name(a) for a in args if a is not type(None))
         raise ConfigError(f"{where}: expected {expected}, got {value!r}")
     if origin is typing.Literal:

@@ -388,3 +388,28 @@ def test_pt_holding_a_non_tensor_named(tmp_path):
     torch.save({"w": torch.ones(1), "lr": 0.1}, tmp_path / "mixed.pt")
     with pytest.raises(CheckpointError, match="'lr'"):
         open_checkpoint(tmp_path / "mixed.pt")
+
+
+# ----------------------------------------------------------------- engine fast paths
+def test_chunked_elementwise_merge_equals_formula():
+    """Entries larger than the engine's chunk are merged chunk by chunk for entry-wise methods."""
+    from cl_merge.merging import base as engine
+
+    g = torch.Generator().manual_seed(0)
+    n = 2 * engine._CHUNK + 1234
+    pre = {"big": torch.randn(n, 1, generator=g), "small": torch.randn(3, generator=g)}
+    fts = [{k: v + torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)]
+    out = merge(pre, fts, "task_arithmetic", scaling=0.3)
+    for key in pre:
+        expected = pre[key] + 0.3 * sum(ft[key] - pre[key] for ft in fts)
+        assert out[key].shape == pre[key].shape
+        assert torch.allclose(out[key], expected, atol=1e-5)
+    avg = merge(pre, fts, "average")
+    assert torch.allclose(avg["big"], sum(ft["big"] for ft in fts) / 3, atol=1e-5)
+
+
+def test_lazy_finite_check_survives_sum_overflow():
+    """Finite entries whose sum overflows float32 are not mistaken for NaN/Inf."""
+    pre = {"w": torch.full((4,), 3e38)}
+    out = merge(pre, [{"w": torch.full((4,), 3e38)}], "task_arithmetic", scaling=1.0)
+    assert torch.equal(out["w"], pre["w"])

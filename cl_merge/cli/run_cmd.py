@@ -6,7 +6,6 @@ With no scenario, runs the offline default benchmark (``scenarios/offline_defaul
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 DEFAULT_SCENARIO = "offline_default"
@@ -26,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wandb mode (offline by default: no account or network needed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--list", action="store_true", help="list the available scenarios and exit")
+    parser.add_argument("--stage", type=int, default=None,
+                        help="only fine-tune this stage (0-based) from θ0 into the run folder and exit: "
+                             "one job of a cluster job array (e.g. --stage $SLURM_ARRAY_TASK_ID); "
+                             "a later plain run merges and evaluates")
+    parser.add_argument("--order", type=int, default=0, help="with --stage: which order (0-based)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -37,9 +41,14 @@ def main(args: argparse.Namespace) -> int:
         return 0
     scenario = load_scenario(args.scenario, overrides=args.overrides)
     from cl_merge.runner import RunOptions, run_scenario
+    from cl_merge.runner.run import finetune_stage
 
     out = args.out or Path("runs") / scenario.name
-    run_scenario(scenario, RunOptions(out_dir=out, data_root=args.data_root, download=args.download,
-                                      accelerator=args.accelerator, wandb_mode=args.wandb,
-                                      progress=not args.no_progress))
+    options = RunOptions(out_dir=out, data_root=args.data_root, download=args.download,
+                         accelerator=args.accelerator, wandb_mode=args.wandb, progress=not args.no_progress)
+    if args.stage is not None:
+        where = finetune_stage(scenario, options, args.stage, args.order)
+        print(f"stage {args.stage} fine-tuned into {where}")
+        return 0
+    run_scenario(scenario, options)
     return 0

@@ -268,7 +268,7 @@ def finetune(
         callbacks=[checkpoint_cb, start_step, *callbacks],
         enable_progress_bar=config.progress_bar,
         enable_model_summary=False,
-        log_every_n_steps=config.log_every_n_steps,
+        log_every_n_steps=min(config.log_every_n_steps, config.max_steps),  # short runs still log
         val_check_interval=config.val_check_interval if validate else None,
         check_val_every_n_epoch=None if validate else 1,
         limit_val_batches=None if validate else 0,

@@ -23,7 +23,9 @@ _SEP = "::"
 class IncrementalMerger:
     def __init__(self, method: MergeMethod, pretrained: Mapping[str, Tensor],
                  key_filter: KeyFilter | None = None):
-        if not method.incremental:
+        if not method.supports_incremental():
+            if method.incremental:  # the class has one, these settings do not: let it say why
+                method.init_state("", torch.zeros(()))
             raise HyperparameterError(f"{method.name} has no incremental form; merge the task vectors in one batch")
         self.method = method
         self.pretrained = pretrained

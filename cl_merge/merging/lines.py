@@ -117,6 +117,7 @@ class Lines(MergeMethod):
         self.incremental = self._sum_base
         self.uses_weights = self._sum_base
         self.propagates_nonfinite = self._sum_base
+        self.elementwise = self._sum_base  # the cached path pops whole entries
         self.min_models = self._base.min_models
         self.max_models = self._base.max_models
 

@@ -88,6 +88,9 @@ class ModelStock(MergeMethod):
             mean.add_(delta)
         return base + (t / n) * mean
 
+    def supports_incremental(self) -> bool:
+        return self.angle_average == "cosine"
+
     def init_state(self, key, base):
         if self.angle_average != "cosine":
             raise HyperparameterError(

@@ -56,7 +56,7 @@ def describe_methods() -> list[dict]:
         rows.append({
             "name": name,
             "reference": cls.reference,
-            "incremental": cls.incremental,
+            "incremental": cls().supports_incremental() if cls.incremental else False,
             "hparams": {f.name: f.default for f in dataclasses.fields(cls)},
             "summary": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
         })

@@ -35,6 +35,7 @@ class TaskArithmetic(MergeMethod):
     incremental = True
     uses_weights = True
     propagates_nonfinite = True
+    elementwise = True
 
     scaling: float = 0.3
 
@@ -72,6 +73,7 @@ class Average(MergeMethod):
     incremental = True
     uses_weights = True
     propagates_nonfinite = True
+    elementwise = True
 
     def merge_tensor(self, key, base, weights, context):
         return sum_of(weights).div_(len(weights))

@@ -32,7 +32,7 @@ import torch
 from cl_merge.core.io import load_state_dict, save_state_dict
 from cl_merge.core.task_vector import TaskVector
 from cl_merge.errors import ConfigError
-from cl_merge.merging import get_method, merge, method_class
+from cl_merge.merging import get_method, merge
 from cl_merge.merging.base import PerTaskMergeResult
 from cl_merge.merging.incremental import IncrementalMerger
 from cl_merge.runner.evaluation import TaskPool
@@ -159,11 +159,10 @@ class OrderRun:
         """Merged model of ``row`` after stage ``t``: the weights (shared part)
         are saved; returns the merge result (a dict or PerTaskMergeResult)."""
         chain = self._method_chain(row)
-        cls = method_class(row.method)
         seen = list(range(t + 1))
         # the multi-task setting merges once, after the last stage
         candidates = row.scaling_grid if row.scaling_grid else [None]
-        if cls.incremental and self.setting != "multi_task":
+        if get_method(row.method, **row.hparams).supports_incremental() and self.setting != "multi_task":
             merger = self._incremental_state(row, chain, t)
             results = {s: _current_with(merger, row, self._strategy_hparams(row, s)) for s in candidates}
         else:

@@ -41,19 +41,62 @@ def resolve_pretrained(scenario, options: RunOptions):
     return pretrained
 
 
-def run_scenario(scenario, options: RunOptions):
-    """Run (or resume) ``scenario`` into ``options.out_dir``; returns the RunRecords."""
+def _setup(scenario, options: RunOptions):
     from cl_merge.models import create_model
-    from cl_merge.report import aggregate_runs, print_summary
+
+    root = Path(options.out_dir)
+    top = RunFolder(root, scenario.fingerprint(), scenario.to_dict())
+    pretrained = resolve_pretrained(scenario, options)
+    model = create_model(scenario.model.family, scenario.model.name, pretrained, init_seed=scenario.seed)
+    return root, top, pretrained, model
+
+
+def _order_run(scenario, stages, folder, pretrained, model, options: RunOptions) -> OrderRun:
     from cl_merge.runner.evaluation import TaskPool
     from cl_merge.runner.finetuning import StageFinetuner
 
-    root = Path(options.out_dir)
+    finetuner = StageFinetuner(scenario, pretrained, model, folder, options)
+    pool = TaskPool(scenario, model, data_root=options.data_root, download=options.download,
+                    head_loader=finetuner.head_loader)
+    finetuner.pool = pool
+    order_run = OrderRun(scenario, stages, folder, pool, finetuner=finetuner, hook=options.hook,
+                         progress=options.progress, log=options.log)
+    finetuner.order_run = order_run
+    return order_run
+
+
+def finetune_stage(scenario, options: RunOptions, stage_index: int, order_index: int = 0) -> Path:
+    """Fine-tune one stage of the ``independent`` chain into the run folder
+    and stop: one job of a cluster job array. ``cl-merge run`` on the same
+    folder afterwards finds these fine-tunes done and only merges and evaluates."""
+    from cl_merge.errors import ConfigError
+
+    orders = scenario.expand_orders()
+    if not 0 <= order_index < len(orders):
+        raise ConfigError(f"--order {order_index} is out of range: the scenario has {len(orders)} order(s)")
+    stages = orders[order_index]
+    if not 0 <= stage_index < len(stages):
+        raise ConfigError(f"--stage {stage_index} is out of range: the scenario has {len(stages)} stages")
+    root, top, pretrained, model = _setup(scenario, options)
+    fingerprint = scenario.fingerprint()
+    folder = top if len(orders) == 1 else RunFolder(root / f"order-{order_index:02d}", fingerprint, scenario.to_dict())
+    order_run = _order_run(scenario, stages, folder, pretrained, model, options)
+    if "independent" not in order_run._chains():
+        raise ConfigError(
+            f"scenario init is {scenario.init!r}: stage {stage_index} depends on the previous stage, "
+            "so stages cannot be fine-tuned as independent jobs"
+        )
+    order_run._finetuned("independent", stage_index)
+    return folder.path("finetune", "independent")
+
+
+def run_scenario(scenario, options: RunOptions):
+    """Run (or resume) ``scenario`` into ``options.out_dir``; returns the RunRecords."""
+    from cl_merge.report import aggregate_runs, print_summary
+
     resolved = scenario.to_dict()
     fingerprint = scenario.fingerprint()
-    top = RunFolder(root, fingerprint, resolved)
-    pretrained = resolve_pretrained(scenario, options)
-    model = create_model(scenario.model.family, scenario.model.name, pretrained, init_seed=scenario.seed)
+    root, top, pretrained, model = _setup(scenario, options)
     orders = scenario.expand_orders()
     logger = _RunLogger(scenario, root, options.wandb_mode)
     records = []
@@ -61,13 +104,7 @@ def run_scenario(scenario, options: RunOptions):
         folder = top if len(orders) == 1 else RunFolder(root / f"order-{index:02d}", fingerprint, resolved)
         if len(orders) > 1:
             options.log(f"order {index + 1}/{len(orders)}: {' -> '.join(s.name for s in stages)}")
-        finetuner = StageFinetuner(scenario, pretrained, model, folder, options)
-        pool = TaskPool(scenario, model, data_root=options.data_root, download=options.download,
-                        head_loader=finetuner.head_loader)
-        finetuner.pool = pool
-        order_run = OrderRun(scenario, stages, folder, pool, finetuner=finetuner, hook=options.hook,
-                             progress=options.progress, log=options.log)
-        finetuner.order_run = order_run
+        order_run = _order_run(scenario, stages, folder, pretrained, model, options)
         raw = order_run.run()
         record = build_run_record(scenario, order_run, raw, index, fingerprint, folder.root)
         from cl_merge.report import write_run_folder
@@ -84,13 +121,13 @@ def run_scenario(scenario, options: RunOptions):
         write_markdown(aggregate, root / "summary.md")
         write_csv(aggregate, root / "summary.csv")
         plot_aggregate_curves(aggregate, root / "plots" / "accuracy_vs_tasks.png", title=scenario.name)
-        print_summary(aggregate)
+        print_summary(aggregate, per_task=False)
     else:
         from cl_merge.report import write_csv, write_markdown
 
         write_markdown(records[0], root / "summary.md")
         write_csv(records[0], root / "summary.csv")
-        print_summary(records[0])
+        print_summary(records[0], per_task=False)
     logger.finish()
     options.log(f"results in {root}")
     return records

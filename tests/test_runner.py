@@ -1,0 +1,193 @@
+"""The stage runner end to end on tiny data: outputs, determinism, resume
+after an interruption at every kind of step, refusal of a foreign run folder."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+import cl_merge  # noqa: F401  (torchvision compat first)
+from cl_merge.errors import ConfigError
+from cl_merge.runner import RunOptions, run_scenario
+from cl_merge.runner.loop import accuracy_rows
+from cl_merge.scenario import load_scenario
+
+TINY = {
+    "description": "three tiny stages for tests",
+    "setting": "task_incremental",
+    "model": {"family": "clip", "name": "clmerge-tiny-clip", "pretrained": None},
+    "stages": [
+        {"dataset": "digits"},
+        {"dataset": "digits", "variant": "invert"},
+        {"dataset": "digits", "variant": "rotate90"},
+    ],
+    "init": "pretrained",
+    "merge": [
+        {"method": "task_arithmetic", "hyperparameters": {"scaling": 0.5}},
+        {"method": "ties", "hyperparameters": {"scaling": 1.0, "density": 0.5}},
+    ],
+    "baselines": {"zero_shot": True, "individual": True, "sequential_finetune": False},
+    "train": {"lr": 1.0e-3, "max_steps": 3, "batch_size": 16, "warmup_steps": 1, "max_train": 160},
+    "eval": {"batch_size": 128, "max_test": 60},
+    "seed": 0,
+}
+
+
+class Interrupt(RuntimeError):
+    """Stands in for a kill at a chosen step."""
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CL_MERGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def _scenario(tmp_path: Path, overrides=(), **changes):
+    body = {**TINY, **changes}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(body))
+    return load_scenario(path, overrides=list(overrides))
+
+
+def _run(scenario, out: Path, hook=None):
+    options = RunOptions(out_dir=out, progress=False, wandb_mode="disabled", log=lambda msg: None)
+    if hook is not None:
+        options.hook = hook
+    return run_scenario(scenario, options)
+
+
+def _results(out: Path) -> dict:
+    body = json.loads((out / "metrics.json").read_text())
+    return {r["name"]: (r["metrics"], r["per_task"]) for r in body["results"]}
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reference")
+    import os
+
+    os.environ["CL_MERGE_CACHE_DIR"] = str(tmp / "cache")
+    scenario = _scenario(tmp)
+    out = tmp / "run"
+    _run(scenario, out)
+    return scenario, out
+
+
+def test_end_to_end_outputs(reference_run):
+    scenario, out = reference_run
+    for name in ("config.yaml", "run.json", "metrics.json", "summary.md", "summary.csv",
+                 "accuracy_matrix.task_arithmetic.csv", "plots/accuracy_vs_tasks.png",
+                 "plots/accuracy_matrix.ties.png"):
+        assert (out / name).exists(), name
+    results = _results(out)
+    assert set(results) == {"task_arithmetic", "ties", "zero_shot", "individual"}
+    for name, (metrics, per_task) in results.items():
+        assert set(per_task) == set(scenario.task_names)
+        assert all(0.0 <= v <= 1.0 for v in per_task.values())
+    # task vectors and merged checkpoints are kept as safetensors
+    assert len(list((out / "finetune" / "independent").glob("*/task_vector.safetensors"))) == 3
+    assert (out / "merge" / "ties" / "merged-02.safetensors").exists()
+    # TA's matrix: lower triangle filled, one row per stage
+    rows = (out / "accuracy_matrix.task_arithmetic.csv").read_text().strip().splitlines()
+    assert len(rows) == 4 and rows[0].startswith("stage,")
+
+
+def test_metrics_follow_the_matrix(reference_run):
+    _, out = reference_run
+    body = json.loads((out / "metrics.json").read_text())
+    ta = next(r for r in body["results"] if r["name"] == "task_arithmetic")
+    lines = (out / ta["accuracy_matrix"]).read_text().strip().splitlines()[1:]
+    matrix = [[float(x) if x else math.nan for x in line.split(",")[1:]] for line in lines]
+    final = sum(matrix[-1]) / 3
+    assert ta["metrics"]["final_accuracy"] == pytest.approx(final)
+    forgetting = sum(max(matrix[t][i] for t in range(i, 2)) - matrix[2][i] for i in range(2)) / 2
+    assert ta["metrics"]["forgetting"] == pytest.approx(forgetting)
+
+
+def test_same_config_same_numbers(reference_run, tmp_path):
+    scenario, out = reference_run
+    again = tmp_path / "again"
+    _run(scenario, again)
+    assert _results(again) == _results(out)
+
+
+def test_rerun_skips_everything(reference_run):
+    scenario, out = reference_run
+    seen = []
+    _run(scenario, out, hook=lambda kind, name: seen.append(kind))
+    assert "finetune_step" not in seen and "merge" not in seen and "evaluate" not in seen
+
+
+def test_refuses_run_folder_of_another_config(reference_run, tmp_path):
+    scenario, out = reference_run
+    other = _scenario(tmp_path, overrides=["train.max_steps=4"])
+    with pytest.raises(ConfigError, match="different config"):
+        _run(other, out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, occurrence", [
+    ("finetune_step", 5),  # mid fine-tune of the second stage
+    ("task_vector", 2),
+    ("merge", 3),
+    ("evaluate", 6),
+])
+def test_resume_after_interruption(reference_run, tmp_path, kind, occurrence):
+    scenario, reference_out = reference_run
+    out = tmp_path / "run"
+    count = {"n": 0}
+
+    def hook(step_kind, name):
+        if step_kind == kind:
+            count["n"] += 1
+            if count["n"] == occurrence:
+                raise Interrupt(f"killed at {step_kind} {name}")
+
+    with pytest.raises(Interrupt):
+        _run(scenario, out, hook=hook)
+    assert not (out / "metrics.json").exists()
+    # nothing half-written: no temp files left beside artifacts
+    assert not [p for p in out.rglob("*.tmp*")]
+    _run(scenario, out)
+    assert _results(out) == _results(reference_out)
+
+
+def test_accuracy_rows_fill_individual_diagonal():
+    records = {"individual": {0: {"accuracy": {"a": 0.5}}, 1: {"accuracy": {"b": 0.7}}}}
+    matrix = accuracy_rows(records, ["a", "b"])["individual"]
+    assert matrix[0][0] == 0.5 and math.isnan(matrix[0][1])
+    assert matrix[1] == [0.5, 0.7]  # task a's own model did not change after stage 0
+
+
+def test_bad_scenarios_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match="stages"):
+        _scenario(tmp_path, stages=[])
+    with pytest.raises(Exception, match="nonexistent_method|unknown merging method"):
+        _scenario(tmp_path, merge=[{"method": "nonexistent_method"}])
+    with pytest.raises(ConfigError, match="order_seed"):
+        _scenario(tmp_path, order="random", orders=2, order_seed="abc")
+
+
+def test_stage_jobs_then_run_picks_them_up(tmp_path):
+    """Independent fine-tunes as separate jobs (a cluster job array), then the
+    plain run finds them done and trains nothing."""
+    from cl_merge.runner.run import finetune_stage
+
+    scenario = _scenario(tmp_path, merge=[{"method": "task_arithmetic"}],
+                         baselines={"zero_shot": False, "individual": False})
+    out = tmp_path / "jobs"
+    options = RunOptions(out_dir=out, progress=False, wandb_mode="disabled", log=lambda msg: None)
+    for stage in range(3):
+        finetune_stage(scenario, options, stage)
+    assert len(list((out / "finetune" / "independent").glob("*/metadata.json"))) == 3
+    seen = []
+    _run(scenario, out, hook=lambda kind, name: seen.append(kind))
+    assert "finetune_step" not in seen
+    assert (out / "metrics.json").exists()
+    with pytest.raises(ConfigError, match="out of range"):
+        finetune_stage(scenario, options, 7)
