@@ -174,7 +174,7 @@ def test_trainable_subsets(clip, vit):
     assert not any(n.startswith("transformer.resblocks.1.") for n in last)
     assert {"ln_post.weight", "proj"} <= set(last) and "conv1.weight" not in last
     norms = vit.trainable_parameter_names("layernorm")
-    assert norms and all(".norm" in n or n.startswith("norm") for n in norms)
+    assert norms and all("norm" in n for n in norms) and "fc_norm.weight" in norms
     assert len(vit.trainable_parameter_names("all")) == len(list(vit.encoder.parameters()))
     with pytest.raises(cl_merge.HyperparameterError, match="only 4 blocks"):
         vit.trainable_parameter_names("last_k_blocks", 5)

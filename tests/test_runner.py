@@ -27,7 +27,7 @@ TINY = {
     ],
     "init": "pretrained",
     "merge": [
-        {"method": "task_arithmetic", "hyperparameters": {"scaling": 0.5}},
+        {"method": "task_arithmetic", "scaling_grid": [0.3, 1.0]},
         {"method": "ties", "hyperparameters": {"scaling": 1.0, "density": 0.5}},
     ],
     "baselines": {"zero_shot": True, "individual": True, "sequential_finetune": False},
@@ -48,7 +48,7 @@ def _isolated_cache(tmp_path, monkeypatch):
 
 
 def _scenario(tmp_path: Path, overrides=(), **changes):
-    body = {**TINY, **changes}
+    body = {k: v for k, v in {**TINY, **changes}.items() if v is not None}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(body))
     return load_scenario(path, overrides=list(overrides))
@@ -92,6 +92,12 @@ def test_end_to_end_outputs(reference_run):
     # task vectors and merged checkpoints are kept as safetensors
     assert len(list((out / "finetune" / "independent").glob("*/task_vector.safetensors"))) == 3
     assert (out / "merge" / "ties" / "merged-02.safetensors").exists()
+    # the scaling grid was decided on the validation split, and recorded
+    chosen = json.loads((out / "merge" / "task_arithmetic" / "chosen-02.json").read_text())
+    assert chosen["scaling"] in (0.3, 1.0) and set(chosen["validation_accuracy"]) == {"0.3", "1.0"}
+    body = json.loads((out / "metrics.json").read_text())
+    ta = next(r for r in body["results"] if r["name"] == "task_arithmetic")
+    assert ta["hyperparameters"]["scaling"] == chosen["scaling"]
     # TA's matrix: lower triangle filled, one row per stage
     rows = (out / "accuracy_matrix.task_arithmetic.csv").read_text().strip().splitlines()
     assert len(rows) == 4 and rows[0].startswith("stage,")
@@ -191,3 +197,38 @@ def test_stage_jobs_then_run_picks_them_up(tmp_path):
     assert (out / "metrics.json").exists()
     with pytest.raises(ConfigError, match="out of range"):
         finetune_stage(scenario, options, 7)
+
+
+def test_class_incremental_with_random_orders(tmp_path):
+    scenario = _scenario(
+        tmp_path, setting="class_incremental", stages=None,
+        **{"split": {"dataset": "digits", "num_tasks": 2}, "order": "random", "orders": 2, "order_seed": 3,
+           "merge": [{"method": "magmax"}], "baselines": {"zero_shot": True, "individual": False}},
+    )
+    out = tmp_path / "ci"
+    records = _run(scenario, out)
+    assert len(records) == 2
+    labels = {r.label for r in records[0].results}
+    assert "magmax" in labels and "magmax [task-aware]" in labels
+    assert (out / "order-00" / "metrics.json").exists() and (out / "order-01" / "metrics.json").exists()
+    assert "±" in (out / "summary.md").read_text()
+    assert (out / "plots" / "accuracy_vs_tasks.png").exists()
+
+
+def test_multi_task_with_a_checkpoint_stage(reference_run, tmp_path):
+    """A stage that brings its own fine-tuned checkpoint; all merged at once."""
+    _, ref_out = reference_run
+    ckpt = next((ref_out / "finetune" / "independent").glob("01-*/encoder.safetensors"))
+    stages = [{"dataset": "digits"}, {"dataset": "digits", "variant": "invert", "checkpoint": str(ckpt)}]
+    scenario = _scenario(tmp_path, setting="multi_task", stages=stages,
+                         merge=[{"method": "tsv_m"}, {"method": "task_arithmetic"}])
+    out = tmp_path / "mt"
+    _run(scenario, out)
+    results = _results(out)
+    assert set(results) >= {"tsv_m", "task_arithmetic", "zero_shot", "individual"}
+    assert set(results["tsv_m"][1]) == {s.name for s in scenario.stages}
+    imported = next((out / "finetune" / "independent").glob("01-*/task_vector.safetensors"))
+    from cl_merge.core.io import load_state_dict
+
+    ref_tv = load_state_dict(next((ref_out / "finetune" / "independent").glob("01-*/task_vector.safetensors")))
+    assert all((load_state_dict(imported)[k] == v).all() for k, v in ref_tv.items())

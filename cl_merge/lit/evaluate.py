@@ -92,7 +92,10 @@ def evaluate(
     """Top-1 accuracy in [0, 1] of ``head(encoder(x))`` with the encoder's
     weights replaced by ``encoder_state`` (``None``: the model's own).
     Images that are PIL go through ``transform`` (default: the model's
-    evaluation preprocessing); tensors are used as they are."""
+    evaluation preprocessing); tensors are used as they are. ``device``
+    (default: where the model is) moves the model there and leaves it there.
+    For repeated evaluation on one split, pass
+    ``cl_merge.data.cache_tensors(split, model.preprocess(False))``."""
     logits, labels = predict_logits(
         model, encoder_state, head, dataset, batch_size, device=device, num_workers=num_workers, transform=transform
     )

@@ -303,12 +303,13 @@ def finetune(
         if value is not None:
             metrics[key.replace("/", "_") + "_last"] = float(value)
     eval_batch = config.eval_batch_size or config.batch_size
+    eval_device = trainer.strategy.root_device  # the accelerator training used (moves `model` there)
     for split in config.eval_splits:
         dataset = datamodule.split(split) if split != "train" else (
             datamodule.split("train") if not config.augment else None
         )
         if dataset is not None:
-            metrics[f"{split}_acc"] = evaluate(model, ft_state, final_head, dataset, eval_batch)
+            metrics[f"{split}_acc"] = evaluate(model, ft_state, final_head, dataset, eval_batch, device=eval_device)
 
     # ---- artifacts
     task_vector = TaskVector.from_state_dicts(theta0, ft_state)

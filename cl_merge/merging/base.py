@@ -61,6 +61,7 @@ class TensorStream:
         self.check = check
         self.deltas_given = deltas_given  # inputs are task vectors already
         self.raw_weights = raw_weights  # yield fine-tuned weights instead of deltas
+        self._checked: set[str] = set()  # keys whose inputs passed the NaN/Inf check
 
     @property
     def num_models(self) -> int:
@@ -71,17 +72,22 @@ class TensorStream:
         return tuple(src.shape(key)) if hasattr(src, "shape") else tuple(src.get(key).shape)
 
     def load(self, key: str) -> tuple[Tensor, list[Tensor]]:
+        # each entry is checked once, on the first pass (strategies with a
+        # prepare() pass read the stream several times)
+        check = self.check and key not in self._checked
         base = self.pretrained.get(key)
-        if self.check:
+        if check and not _all_finite(base):
             check_finite(key, base, f"the pretrained model ({source_name(self.pretrained)})")
         base = base.to(self.compute_dtype)
         deltas = []
         for i, model in enumerate(self.finetuned):
             value = model.get(key)
-            if self.check:
+            if check and not _all_finite(value):
                 check_finite(key, value, f"fine-tuned model {i} ({source_name(model)})")
             value = value.to(self.compute_dtype)
             deltas.append(value if (self.deltas_given or self.raw_weights) else value - base)
+        if check:
+            self._checked.add(key)
         return base, deltas
 
     def __iter__(self) -> Iterator[tuple[str, Tensor, list[Tensor]]]:

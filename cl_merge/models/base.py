@@ -209,7 +209,8 @@ class TaskModel(abc.ABC):
             for mod_name, module in self.encoder.named_modules():
                 if is_layernorm(module):
                     chosen += [f"{mod_name}.{p}" if mod_name else p for p, _ in module.named_parameters(recurse=False)]
-            return [n for n in names if n in set(chosen)]
+            chosen_set = set(chosen)
+            return [n for n in names if n in chosen_set]
         if mode == "last_k_blocks":
             if k < 1:
                 raise HyperparameterError(f"trainable_k must be >= 1, got {k}")

@@ -7,7 +7,9 @@ encoder.
 
 Toolkit presets (``VIT_PRESETS``) are timm architectures with overridden
 sizes that fit a CPU: ``clmerge-tiny-vit`` is a ViT at 32 px, patch 4,
-width 96, depth 4, 3 heads (0.46M parameters).
+width 96, depth 4, 3 heads (0.46M parameters), mean-pooled tokens (a
+randomly initialised class token barely depends on the image, so from
+scratch it learns far more slowly than the average of the patch tokens).
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from cl_merge.models.base import TaskModel, register_family, seeded_init
 VIT_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "clmerge-tiny-vit": (
         "vit_tiny_patch16_224",
-        {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3},
+        {"img_size": 32, "patch_size": 4, "embed_dim": 96, "depth": 4, "num_heads": 3, "global_pool": "avg"},
     ),
     "clmerge-small-vit": (
         "vit_small_patch16_224",
-        {"img_size": 64, "patch_size": 8, "embed_dim": 192, "depth": 6, "num_heads": 3},
+        {"img_size": 64, "patch_size": 8, "embed_dim": 192, "depth": 6, "num_heads": 3, "global_pool": "avg"},
     ),
 }
 
