@@ -33,11 +33,18 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def parse_value(text: str) -> Any:
-    """``'0.3'`` -> 0.3, ``'[a, b]'`` -> list, ``'true'`` -> True; else the string."""
+    """``'0.3'`` -> 0.3, ``'1e-5'`` -> 1e-05, ``'[a, b]'`` -> list, ``'true'`` -> True; else the string."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-5" (no dot) as a string; on a command line it is a number
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "+inf") else value
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(config: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

@@ -137,7 +137,13 @@ def split_classes(
             "(pass require_equal=False for unequal groups)"
         )
     order = np.arange(num_classes) if order_seed is None else _permutation(num_classes, order_seed)
-    base, extra = divmod(num_classes, num_tasks)
+    return contiguous_chunks(order, num_tasks)
+
+
+def contiguous_chunks(order: Sequence[int], num_tasks: int) -> list[list[int]]:
+    """``order`` cut into ``num_tasks`` consecutive groups; when the count does
+    not divide evenly, the first groups get one item more."""
+    base, extra = divmod(len(order), num_tasks)
     groups, start = [], 0
     for t in range(num_tasks):
         size = base + (1 if t < extra else 0)

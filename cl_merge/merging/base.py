@@ -201,6 +201,14 @@ class MergeMethod:
     def state_weights(self, key: str, base: Tensor, state: dict[str, Tensor], num_seen: int) -> Tensor:
         raise NotImplementedError(f"{self.name} has no incremental form")
 
+    def fold_tensor(self, key: str, base: Tensor, deltas: list[Tensor], task_context: Any = None) -> Tensor:
+        """The batch form of an incremental strategy: fold the task vectors into
+        the running state one by one (so both forms agree to the bit)."""
+        state = self.init_state(key, base)
+        for i, delta in enumerate(deltas):
+            state = self.update_state(key, base, state, delta, i, task_context)
+        return self.state_weights(key, base, state, len(deltas))
+
 
 # ----------------------------------------------------------------- helpers for strategies
 def require(condition: bool, message: str) -> None:

@@ -75,10 +75,7 @@ class Breadcrumbs(MergeMethod):
         require(isinstance(self.scaling, (int, float)), f"{self.name}: scaling must be a number, got {self.scaling!r}")
 
     def merge_tensor(self, key, base, deltas, context):
-        state = self.init_state(key, base)
-        for i, delta in enumerate(deltas):
-            state = self.update_state(key, base, state, delta, i, None)
-        return self.state_weights(key, base, state, len(deltas))
+        return self.fold_tensor(key, base, deltas)
 
     def init_state(self, key, base):
         return {"sum": torch.zeros_like(base)}

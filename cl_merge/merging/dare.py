@@ -82,10 +82,7 @@ class DareTaskArithmetic(MergeMethod):
         check_seed(self.name, self.seed)
 
     def merge_tensor(self, key, base, deltas, context):
-        state = self.init_state(key, base)
-        for i, delta in enumerate(deltas):
-            state = self.update_state(key, base, state, delta, i, None)
-        return self.state_weights(key, base, state, len(deltas))
+        return self.fold_tensor(key, base, deltas)
 
     def init_state(self, key, base):
         return {"sum": torch.zeros_like(base)}

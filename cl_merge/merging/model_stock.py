@@ -77,10 +77,7 @@ class ModelStock(MergeMethod):
     def merge_tensor(self, key, base, deltas, context):
         n = len(deltas)
         if self.angle_average == "cosine":  # same arithmetic as the incremental form
-            state = self.init_state(key, base)
-            for i, delta in enumerate(deltas):
-                state = self.update_state(key, base, state, delta, i, None)
-            return self.state_weights(key, base, state, n)
+            return self.fold_tensor(key, base, deltas)
         angles = [math.acos(_cosine(deltas[i], deltas[j])) for i in range(n) for j in range(i + 1, n)]
         t = interpolation_ratio(math.cos(sum(angles) / len(angles)), n)
         mean = deltas[0].clone()

@@ -43,7 +43,7 @@ class OfflinePretrainConfig:
     model: str = "clmerge-tiny-clip"
     datasets: tuple[str, ...] = ("fashion_mnist", "animal_mnist", "digits")
     max_per_dataset: int = 12000
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.1

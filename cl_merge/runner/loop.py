@@ -238,7 +238,15 @@ class OrderRun:
             record["scaling"] = scaling
             weights = result
         elif row.kind == "zero_shot":
+            if t > 0 and set(tasks) <= set(range(len(self.stages))) and self.scenario.setting != "class_incremental":
+                # θ0 does not change: evaluated once, on every task, at stage 0
+                first = self._eval_row(row, 0)
+                if all(self.task_names[i] in first["accuracy"] for i in tasks):
+                    record["accuracy"] = {self.task_names[i]: first["accuracy"][self.task_names[i]] for i in tasks}
+                    self.folder.write_json(record, *rel)
+                    return record
             weights = self.theta0
+            tasks = list(range(len(self.stages))) if t == 0 and self.setting != "class_incremental" else tasks
         elif row.kind == "sequential_finetune":
             weights = self._finetuned("sequential", t)[0]
         elif row.kind == "individual":

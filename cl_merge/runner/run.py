@@ -6,6 +6,7 @@ the results: ``metrics.json`` + ``accuracy_matrix*.csv`` (see
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from pathlib import Path
@@ -90,8 +91,16 @@ def finetune_stage(scenario, options: RunOptions, stage_index: int, order_index:
     return folder.path("finetune", "independent")
 
 
+def _quiet_lightning() -> None:
+    """The runner prints its own one line per fine-tune; Lightning's per-fit
+    banners (GPU available, tips) would bury the summary."""
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run_scenario(scenario, options: RunOptions):
     """Run (or resume) ``scenario`` into ``options.out_dir``; returns the RunRecords."""
+    _quiet_lightning()
     from cl_merge.report import aggregate_runs, print_summary
 
     resolved = scenario.to_dict()

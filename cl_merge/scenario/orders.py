@@ -42,13 +42,9 @@ def contiguous_class_splits(class_order: Sequence[int], num_tasks: int) -> list[
     n = len(class_order)
     if not 1 <= num_tasks <= n:
         raise ValueError(f"num_tasks must be in 1..{n} (number of classes), got {num_tasks}")
-    base, extra = divmod(n, num_tasks)
-    splits, start = [], 0
-    for k in range(num_tasks):
-        size = base + (1 if k < extra else 0)
-        splits.append([int(c) for c in class_order[start : start + size]])
-        start += size
-    return splits
+    from cl_merge.data.sampling import contiguous_chunks
+
+    return contiguous_chunks(list(class_order), num_tasks)
 
 
 def split_stages(dataset: str, num_classes: int, num_tasks: int, class_order_seed: int | None,
