@@ -232,3 +232,23 @@ def test_multi_task_with_a_checkpoint_stage(reference_run, tmp_path):
 
     ref_tv = load_state_dict(next((ref_out / "finetune" / "independent").glob("01-*/task_vector.safetensors")))
     assert all((load_state_dict(imported)[k] == v).all() for k, v in ref_tv.items())
+
+
+@pytest.mark.slow
+def test_offline_default_benchmark_is_meaningful(tmp_path, monkeypatch):
+    """The main command as `make demo` runs it: pretraining (cached once),
+    six stages, TA/TIES/MagMax and the baselines. Fine-tuned accuracy is far
+    above zero-shot and the merged models land in between."""
+    monkeypatch.delenv("CL_MERGE_CACHE_DIR", raising=False)  # the real cache: pretraining is reused
+    from cl_merge.cli import main
+
+    out = tmp_path / "offline"
+    assert main(["run", "--out", str(out), "--wandb", "disabled", "--no-progress"]) == 0
+    body = json.loads((out / "metrics.json").read_text())
+    final = {r["name"]: r["metrics"]["final_accuracy"] for r in body["results"]}
+    assert len(body["tasks"]) >= 6
+    assert final["individual"] >= final["zero_shot"] + 0.20
+    for method in ("task_arithmetic", "ties", "magmax"):
+        assert final["zero_shot"] < final[method] < final["individual"], (method, final)
+    assert (out / "plots" / "accuracy_vs_tasks.png").exists()
+    assert (out / "plots" / "accuracy_matrix.ties.png").exists()

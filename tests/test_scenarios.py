@@ -106,9 +106,9 @@ def test_path_and_overrides(tmp_path):
         ("stages: []\n", "x.yaml: stages: empty stage list"),
         ("stages: [digits]\norder_seed: 1.5\n", "x.yaml: order_seed: expected an integer, got 1.5"),
         ("stages: [digits]\norder_seed: abc\n", "x.yaml: order_seed: expected an integer"),
-        ("stages: [{dataset: digits, k_shot: four}]\n", "x.yaml: stages[0].k_shot: expected int, got 'four'"),
+        ("stages: [{dataset: digits, k_shot: four}]\n", "x.yaml: stages[0].k_shot: expected an integer, got 'four'"),
         ("stages: [digits]\nseeed: 3\n", "x.yaml: unknown field 'seeed' (did you mean: seed"),
-        ("stages: [digits]\ntrain: {lr: fast}\n", "x.yaml: train.lr: expected float, got 'fast'"),
+        ("stages: [digits]\ntrain: {lr: fast}\n", "x.yaml: train.lr: expected a number, got 'fast'"),
         ("stages: [digits]\ninit: previous\n", "x.yaml: init: must be one of"),
         ("stages: [{dataset: cifar100, classes: [0, 1, 2]}, {dataset: cifar100, classes: [2, 3]}]\n"
          "setting: class_incremental\n",
@@ -157,7 +157,7 @@ def test_bad_class_split_shorthand(tmp_path):
     assert "x.yaml: split.num_tasks: 11 tasks but 'cifar10' has only 10 classes" in error_of(path)
     path = write(tmp_path, "setting: class_incremental\ndataset: cifar10\nnum_tasks: 2\nclass_order_seed: x\n",
                  base="model: {family: vit, name: vit_tiny}\n")
-    assert "x.yaml: split.class_order_seed: expected int" in error_of(path)
+    assert "x.yaml: split.class_order_seed: expected an integer" in error_of(path)
     path = write(tmp_path, "setting: class_incremental\ndataset: cifar10\nnum_tasks: 2\nstages: [digits]\n",
                  base="model: {family: vit, name: vit_tiny}\n")
     assert "either a class split" in error_of(path)
