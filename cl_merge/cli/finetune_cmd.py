@@ -53,6 +53,12 @@ def main(args: argparse.Namespace) -> int:
     if data_root is not None and not isinstance(data_root, str):
         raise ConfigError(f"{where}: data_root: expected a path string, got {data_root!r}")
 
+    from cl_merge.pretrain import OFFLINE_TAG, ensure_offline_clip
+
+    if model_cfg.family == "clip" and model_cfg.pretrained == OFFLINE_TAG:
+        # the toolkit's own offline-pretrained tiny CLIP (made once, cached)
+        model_cfg.pretrained = str(ensure_offline_clip(data_root=data_root))
+
     from cl_merge.lit.finetune import finetune
 
     result = finetune(

@@ -178,7 +178,7 @@ def build_run_record(scenario, order_run: OrderRun, raw, order_index: int, finge
                                                           hyperparameters=hparams, individual=individual,
                                                           accuracy_type=acc_type))
                 continue
-            matrix = AccuracyMatrix.from_numpy(values, tasks, stages=[f"after {t}" for t in tasks[:len(values)]])
+            matrix = AccuracyMatrix.from_numpy(values, tasks, stages=list(tasks[:len(values)]))
             results.append(ResultRecord.from_matrix(row.name, matrix, kind=kind, method=row.method,
                                                     hyperparameters=hparams, reference=reference,
                                                     individual=individual, accuracy_type=acc_type))
