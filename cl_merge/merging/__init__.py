@@ -12,8 +12,19 @@ from typing import Mapping, Sequence
 import torch
 
 from cl_merge.core.state_dict import make_filter
+from cl_merge.errors import HyperparameterError, MergeInputError
 from cl_merge.merging.base import MergeMethod, PerTaskMergeResult, TensorStream, run_merge
 from cl_merge.merging.incremental import IncrementalMerger
+from cl_merge.merging.context import MergeContext
+from cl_merge.merging.lifecycle import (
+    BatchStrategy,
+    IncrementalStrategy,
+    MergeStrategy,
+    ScalingSearch,
+    TaskInput,
+    build_strategy,
+    merge_with_strategy,
+)
 from cl_merge.merging.registry import available_methods, describe_methods, get_method, method_class, register
 
 # one line per strategy file
@@ -33,6 +44,8 @@ def merge(
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
     check_finite: bool = True,
+    model=None,
+    data=None,
     **hparams,
 ):
     """Merge fine-tuned models that share the pretrained model ``pretrained``.
@@ -43,6 +56,13 @@ def merge(
     ``pretrained`` (integer/bool buffers must be equal everywhere). Returns a
     new state dict in the pretrained dtypes, or a ``PerTaskMergeResult`` for
     strategies with per-task parts (``tall_masks``, ``emr``).
+
+    Data-based strategies (``fisher``, ``regmean``, ``adamerging``, ...) also
+    take ``model``, an ``nn.Module`` whose state dict has the same keys (its
+    values are not used), and ``data``, one sequence of batches per fine-tuned
+    model; a batch is passed as ``model(b)`` (tensor), ``model(*b)``
+    (tuple/list) or ``model(**b)`` (dict). Strategies with a running state
+    of their own (``opcm``) absorb the models in list order.
     """
     if isinstance(method, MergeMethod):
         if hparams:
@@ -50,13 +70,33 @@ def merge(
         strategy = method
     else:
         strategy = get_method(method, **hparams)
-    return run_merge(strategy, pretrained, finetuned, key_filter=make_filter(include, exclude), check=check_finite)
+    key_filter = make_filter(include, exclude)
+    if getattr(strategy, "create_strategy", None) is None:
+        if model is not None or data is not None:
+            given = "model" if model is not None else "data"
+            raise MergeInputError(f"{strategy.name} is data-free: it takes no {given}= (only data-based methods do)")
+        return run_merge(strategy, pretrained, finetuned, key_filter=key_filter, check=check_finite)
+    if finetuned is None or isinstance(finetuned, Mapping) or len(finetuned) == 0:
+        raise MergeInputError("finetuned must be a non-empty list of state dicts")
+    lifecycle = build_strategy(strategy, key_filter=key_filter)
+    context = None
+    if model is not None or "model" in lifecycle.needs:
+        context = MergeContext(module=model)
+        context.check_keys(pretrained)
+    return merge_with_strategy(lifecycle, pretrained, finetuned, context=context, data=data)
 
 
 def incremental_merger(pretrained: Mapping[str, Tensor], method: str = "task_arithmetic", *,
                        include=None, exclude=None, **hparams) -> IncrementalMerger:
     """Running merge, one task vector at a time (``.update(tv)``, ``.current()``)."""
-    return IncrementalMerger(get_method(method, **hparams), pretrained, make_filter(include, exclude))
+    strategy = get_method(method, **hparams)
+    if getattr(strategy, "create_strategy", None) is not None:
+        lifecycle = build_strategy(strategy, key_filter=make_filter(include, exclude), continual=True)
+        if not lifecycle.incremental:
+            raise HyperparameterError(f"{strategy.name} has no incremental form; merge the task vectors in one batch")
+        lifecycle.start(pretrained)
+        return lifecycle
+    return IncrementalMerger(strategy, pretrained, make_filter(include, exclude))
 
 
 __all__ = [
@@ -71,4 +111,11 @@ __all__ = [
     "PerTaskMergeResult",
     "TensorStream",
     "IncrementalMerger",
+    "MergeContext",
+    "MergeStrategy",
+    "IncrementalStrategy",
+    "BatchStrategy",
+    "ScalingSearch",
+    "TaskInput",
+    "build_strategy",
 ]

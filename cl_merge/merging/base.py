@@ -252,6 +252,44 @@ def _merge_entry(method: MergeMethod, key: str, base: Tensor, deltas: list[Tenso
     return out.view(base.shape)
 
 
+class _TaskVectorSource:
+    """A task vector seen as a full state-dict source next to θ0: entries the
+    task vector lacks are θ0's own (integer buffers) or a zero delta (float
+    entries left out when it was made); with ``as_weights`` it yields θ0 + τ,
+    for strategies that read fine-tuned weights."""
+
+    def __init__(self, pretrained, task_vector, as_weights: bool):
+        self.pretrained = pretrained
+        self.task_vector = task_vector
+        self.as_weights = as_weights
+        self.path = source_name(task_vector)
+        self._own = set(task_vector.keys())
+
+    def keys(self):
+        return self.pretrained.keys()
+
+    def shape(self, key: str):
+        if key in self._own:
+            tv = self.task_vector
+            return tuple(tv.shape(key)) if hasattr(tv, "shape") else tuple(tv.get(key).shape)
+        return tuple(self.pretrained.shape(key)) if hasattr(self.pretrained, "shape") else tuple(self.pretrained.get(key).shape)
+
+    def dtype(self, key: str):
+        return self.pretrained.dtype(key) if hasattr(self.pretrained, "dtype") else self.pretrained.get(key).dtype
+
+    def get(self, key: str) -> Tensor:
+        base = self.pretrained.get(key)
+        if not base.is_floating_point():
+            return base
+        if key not in self._own:
+            return base.clone() if self.as_weights else torch.zeros_like(base, dtype=torch.promote_types(base.dtype, torch.float32))
+        delta = self.task_vector.get(key)
+        if not self.as_weights:
+            return delta
+        dtype = torch.promote_types(base.dtype, delta.dtype)
+        return base.to(dtype) + delta.to(dtype)
+
+
 def _all_finite(tensor: Tensor) -> bool:
     """Cheap test first: the sum is finite unless some entry is NaN/Inf (or the
     sum overflows, which the exact test then clears)."""
@@ -262,9 +300,12 @@ def _all_finite(tensor: Tensor) -> bool:
 
 def run_merge(method: MergeMethod, pretrained, finetuned: Sequence, *,
               key_filter: KeyFilter | None = None, check: bool = True,
-              progress: Callable[[Iterator], Iterator] | None = None):
+              progress: Callable[[Iterator], Iterator] | None = None, task_vectors: bool = False):
     """Merge with ``method``. ``pretrained`` and each of ``finetuned`` are state
     dicts or lazy checkpoint readers (``cl_merge.core.io.CheckpointReader``).
+
+    ``task_vectors=True``: ``finetuned`` holds task vectors (τ = θ_t − θ0)
+    instead of fine-tuned weights.
 
     Returns a new dict (or ``PerTaskMergeResult``) in the pretrained model's
     dtypes; inputs are never modified.
@@ -274,10 +315,12 @@ def run_merge(method: MergeMethod, pretrained, finetuned: Sequence, *,
     pre = _as_source(pretrained, "pretrained")
     fts = [_as_source(m, f"fine-tuned model {i}") for i, m in enumerate(finetuned)]
     method.check_num_models(len(fts))
+    if task_vectors:
+        fts = [_TaskVectorSource(pre, tv, as_weights=method.uses_weights) for tv in fts]
     plan = plan_merge(pre, fts, key_filter)
     lazy_check = check and method.propagates_nonfinite
     stream = TensorStream(pre, fts, plan.merge_keys, method.compute_dtype, check=check and not lazy_check,
-                          raw_weights=method.uses_weights)
+                          raw_weights=method.uses_weights, deltas_given=task_vectors and not method.uses_weights)
     context = method.prepare(stream)
     merged: dict[str, Tensor] = {}
     keys_iter = iter(stream)
