@@ -86,14 +86,14 @@ def test_disk_estimate_from_parameter_count(tmp_path):
 
 
 def test_vit_family_is_sized_too(tmp_path):
-    plan = _plan(tmp_path, model={"family": "vit", "name": "clmerge-tiny-vit", "pretrained": False})
+    plan = _plan(tmp_path, model={"family": "vit", "name": "clmerge-tiny-vit", "pretrained": None})
     assert 400_000 < plan.encoder_numel < 500_000  # the preset's 0.46M parameters
 
 
 @pytest.mark.parametrize("changes, expected", [
     ({"model": {"family": "clip", "name": "ViT-B-99", "pretrained": None}}, "plan.yaml: model.name: unknown CLIP model"),
     ({"model": {"family": "clip", "name": "ViT-B-32", "pretrained": "laion9"}}, "plan.yaml: model.pretrained: unknown tag"),
-    ({"model": {"family": "vit", "name": "no_such_vit", "pretrained": False}}, "plan.yaml: model.name: unknown timm model"),
+    ({"model": {"family": "vit", "name": "no_such_vit", "pretrained": None}}, "plan.yaml: model.name: unknown timm model"),
 ])
 def test_unknown_models_fail_the_dry_run(tmp_path, changes, expected):
     with pytest.raises(ConfigError) as info:

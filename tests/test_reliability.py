@@ -68,9 +68,12 @@ def test_invalid_configs_create_no_folder(tmp_path, monkeypatch):
     bad = [
         {"model": {"family": "clip", "name": "ViT-Q-99", "pretrained": None}},
         {"stages": [{"dataset": "digits", "checkpoint": "missing.safetensors"}]},
+        {"stages": [{"dataset": "digits"}, {"dataset": "digits", "variant": "invert",
+                                             "checkpoint": "broken.safetensors"}]},
         {"merge": [{"method": "ties", "hyperparameters": {"density": 0.5, "scaling": 1.0}}],
          "train": {**TINY["train"], "accelerator": "gpu"}},
     ]
+    (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{trunc")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for changes in bad:
         with pytest.raises(ConfigError):
@@ -171,9 +174,9 @@ def test_stale_temp_files_are_removed_on_start(tmp_path, hold_lock):
     busy = out / "finetune" / "independent" / "01-digits"
     stage.mkdir(parents=True)
     busy.mkdir(parents=True)
-    stale = stage / ".encoder.safetensors.k2j3h4.tmp.safetensors"
+    stale = stage / ".encoder.safetensors.k2j3h4x9.tmp.safetensors"
     stale.write_bytes(b"x" * 100)
-    in_flight = busy / ".metadata.json.a1b2c3.tmp"
+    in_flight = busy / ".metadata.json.a1b2c3d4.tmp"
     in_flight.write_text("{")
     (stage / "encoder.safetensors").write_bytes(b"kept")
     hold_lock(busy / LOCK_NAME)  # a --stage job writing stage 1 right now
@@ -224,7 +227,8 @@ class _StopAt:
 
 
 def test_truncated_last_ckpt_is_discarded_and_resume_step_recorded(tmp_path, caplog):
-    from cl_merge.lit import TrainConfig, finetune
+    from cl_merge.lit.config import TrainConfig
+    from cl_merge.lit.finetune import finetune
     from cl_merge.models import ModelConfig
 
     model = ModelConfig(family="vit", name="clmerge-tiny-vit")
@@ -272,16 +276,18 @@ def test_full_disk_is_one_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_full_disk_in_the_cli_is_rc_2_and_one_line(tmp_path, monkeypatch, capsys):
-    import cl_merge.core.io as io_module
+    import safetensors.torch
 
     base, ft = tmp_path / "base.safetensors", tmp_path / "ft.safetensors"
     save_state_dict({"w": torch.zeros(3)}, base)
     save_state_dict({"w": torch.ones(3)}, ft)
-    monkeypatch.setattr(io_module, "save_file", _no_space)
+    monkeypatch.setattr(safetensors.torch, "save_file", _no_space)  # the merge command's writer
     out = tmp_path / "merged.safetensors"
     rc = main(["merge", "--pretrained", str(base), "--finetuned", str(ft), "--out", str(out)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].endswith(f"{out}: no space left on device")
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line.lower()]  # beside the progress bar
+    assert rc == 2 and "Traceback" not in err and len(errors) == 1
+    assert errors[0] == f"cl-merge merge: error: {out}: no space left on device"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "ft.safetensors"]
 
 

@@ -43,11 +43,10 @@ def main(args: argparse.Namespace) -> int:
             print(name)
         return 0
     scenario = load_scenario(args.scenario, overrides=args.overrides)
-    from cl_merge.runner.plan import build_plan
+    if args.dry_run:  # a real run validates the same way (runner.plan.validate_run) before writing anything
+        from cl_merge.runner.plan import build_plan
 
-    plan = build_plan(scenario, args.accelerator)  # the run validates the same way before writing anything
-    if args.dry_run:
-        print(plan.format())
+        print(build_plan(scenario, args.accelerator).format())
         return 0
     from cl_merge.runner import RunOptions, run_scenario
     from cl_merge.runner.run import finetune_stage

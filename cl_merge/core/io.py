@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -29,12 +30,13 @@ INDEX_SUFFIX = ".index.json"
 
 
 # ----------------------------------------------------------------- atomic writes
-TEMP_MARK = ".tmp"  # temp names: ".<name>.<random>.tmp[<suffix>]", beside the target
+TEMP_MARK = ".tmp"  # temp names: ".<name>.<8 random>.tmp[<suffix>]" (mkstemp), beside the target
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
 
 
 def is_temp_file(name: str) -> bool:
     """Whether ``name`` is one of this module's temp files (left behind only by a killed writer)."""
-    return name.startswith(".") and TEMP_MARK in name[1:] and name.count(".") >= 3
+    return bool(_TEMP_NAME.match(name))
 
 
 def _current_umask() -> int:
@@ -44,14 +46,16 @@ def _current_umask() -> int:
 
 
 def _make_temp(path: Path, suffix: str) -> tuple[int, str]:
-    """A temp file beside ``path`` with the permissions a plain ``open`` would
-    give (0666 minus the umask; ``mkstemp`` alone makes them 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_current_umask())
-    except OSError:  # file systems without permissions (some network mounts)
-        pass
-    return fd, tmp
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Rename the finished temp file over ``path`` with the permissions a plain
+    ``open`` would give (0666 minus the umask; ``mkstemp`` makes 0600, and
+    some writers replace the file they were given)."""
+    with contextlib.suppress(OSError):  # file systems without permissions (some network mounts)
+        os.chmod(tmp, 0o666 & ~_current_umask())
+    os.replace(tmp, path)
 
 
 def disk_full(exc: BaseException) -> bool:
@@ -90,7 +94,7 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[Any]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -108,7 +112,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -176,6 +176,7 @@ def remove_stale_temp_files(root: Path) -> list[Path]:
         return removed
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
+        dirnames[:] = [d for d in dirnames if d != "wandb"]  # wandb's own files, not ours
         if here != root and locked_elsewhere(here):
             dirnames.clear()
             continue

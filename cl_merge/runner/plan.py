@@ -352,6 +352,16 @@ def validate_run(scenario, accelerator: str = "auto") -> RunPlan:
     called before the run folder is created."""
     plan = build_plan(scenario, accelerator)
     if plan.missing_inputs:
-        where = getattr(scenario, "source", None) or scenario.name
-        raise ConfigError(f"{where}: {plan.missing_inputs[0].split(' (the run')[0]}")
+        raise ConfigError(f"{_where(scenario)}: {plan.missing_inputs[0].split(' (the run')[0]}")
+    from cl_merge.core.io import CheckpointReader
+    from cl_merge.scenario import checkpoint_path
+
+    for i, stage in enumerate(scenario.stages):
+        path = checkpoint_path(scenario, stage)
+        # a safetensors header is read in microseconds: a truncated file fails now, not after earlier stages trained
+        if path is not None and (path.is_dir() or path.suffix == ".safetensors"):
+            try:
+                CheckpointReader(path).close()
+            except ClMergeError as exc:
+                raise ConfigError(f"{_where(scenario)}: stages[{i}].checkpoint: {exc}") from None
     return plan
