@@ -28,7 +28,6 @@ from cl_merge.runner import RunOptions, run_scenario
 from cl_merge.runner.folder import LOCK_NAME, FolderLockedError, RunFolder, artifact_lock, remove_stale_temp_files
 from cl_merge.scenario import load_scenario
 
-REPO = Path(__file__).resolve().parent.parent
 TINY = {
     "setting": "task_incremental",
     "model": {"family": "clip", "name": "clmerge-tiny-clip", "pretrained": None},
@@ -103,10 +102,14 @@ def test_folder_without_finished_artifacts_is_taken_over(tmp_path):
 
 
 # ---------------------------------------------------------------------- locks (12.9)
+# another run holding a lock, as acquire_lock leaves it: an flock on a file naming the holder
+# (plain fcntl, so the helper process starts in milliseconds instead of importing torch)
 _HOLD = textwrap.dedent("""
-    import sys, time
-    from cl_merge.runner.folder import acquire_lock
-    acquire_lock(sys.argv[1], "test")
+    import fcntl, json, os, socket, sys, time
+    os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)
+    fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o666)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}).encode())
     print("locked", flush=True)
     time.sleep(60)
 """)
@@ -118,8 +121,7 @@ def hold_lock():
     procs = []
 
     def start(path: Path) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        proc = subprocess.Popen([sys.executable, "-c", _HOLD, str(path)], stdout=subprocess.PIPE, env=env, text=True)
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _HOLD, str(path)], stdout=subprocess.PIPE, text=True)
         procs.append(proc)
         assert proc.stdout.readline().strip() == "locked"
         return proc
@@ -156,7 +158,7 @@ def test_second_run_on_a_locked_folder_is_refused(tmp_path, hold_lock):
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     out = tmp_path / "run"
     out.mkdir()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = subprocess.Popen([sys.executable, "-S", "-c", "pass"])
     dead.wait()
     (out / LOCK_NAME).write_text(json.dumps({"host": "here", "pid": dead.pid, "since": 0}))
     with caplog.at_level(logging.WARNING, logger="cl_merge.runner.folder"):
