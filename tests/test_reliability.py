@@ -228,6 +228,17 @@ class _StopAt:
         return Stop()
 
 
+class _KillAtTrainEnd:
+    def __new__(cls):
+        import pytorch_lightning as pl
+
+        class Kill(pl.Callback):
+            def on_train_end(self, trainer, pl_module):
+                raise RuntimeError("simulated kill")
+
+        return Kill()
+
+
 def test_truncated_last_ckpt_is_discarded_and_resume_step_recorded(tmp_path, caplog):
     from cl_merge.lit.config import TrainConfig
     from cl_merge.lit.finetune import finetune
@@ -246,12 +257,15 @@ def test_truncated_last_ckpt_is_discarded_and_resume_step_recorded(tmp_path, cap
         result = finetune(model, _digits_task(), cfg, out_dir=out, seed=0)
     assert "does not load" in caplog.text and "training this stage from the start" in caplog.text
     assert result.metadata["resumed_from_step"] == 0 and result.metadata["global_step"] == 4
-    # an intact checkpoint: the metadata names the step training resumed from
+    # killed after the last step's checkpoint, before the artifacts: the rerun restores step 4 and trains
+    # nothing more; the metadata names the step it resumed from (it said 0)
     out2 = tmp_path / "ft2"
     with pytest.raises(RuntimeError, match="simulated kill"):
-        finetune(model, _digits_task(), cfg, out_dir=out2, seed=0, callbacks=[_StopAt(3)])
+        finetune(model, _digits_task(), cfg, out_dir=out2, seed=0, callbacks=[_KillAtTrainEnd()])
+    (last,) = list(out2.rglob("last.ckpt"))
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 4
     result = finetune(model, _digits_task(), cfg, out_dir=out2, seed=0)
-    assert result.metadata["resumed_from_step"] == 2 and result.metadata["global_step"] == 4
+    assert result.metadata["resumed_from_step"] == 4 and result.metadata["global_step"] == 4
 
 
 # ---------------------------------------------------------------------- full disk (12.6)
