@@ -103,9 +103,12 @@ class RunPlan:
         else:
             detail = ", ".join(f"{kind} {_size(b)}" for kind, b in disk.items())
             lines.append(f"disk (estimate): {_size(sum(disk.values()))} ({detail})")
-            if self.train.checkpoint_every_n_steps:
+            every = self.train.checkpoint_every_n_steps
+            if every and every <= self.train.max_steps:
+                # weights + the optimizer's per-parameter state (Adam(W): two moments, SGD: momentum)
+                optimizer_copies = {"adam": 2, "adamw": 2}.get(t.optimizer, 1 if t.momentum > 0 else 0)
                 lines.append(f"  + while a fine-tune runs: its last.ckpt (weights and optimizer state) ≈ "
-                             f"{_size(self.encoder_bytes * 3)}, removed when it finishes")
+                             f"{_size(self.encoder_bytes * (1 + optimizer_copies))}, removed when it finishes")
         for problem in self.missing_inputs:
             lines.append(f"warning: {problem}")
         return "\n".join(lines)
