@@ -30,6 +30,10 @@ class ConfigError(ClMergeError, ValueError):
     """An invalid config or scenario value (the message names file and field)."""
 
 
+class DiskFullError(ClMergeError, OSError):
+    """A write that found no space left on the device (the message names the file)."""
+
+
 class DataError(ClMergeError, OSError):
     """A dataset that is missing from the data root, or inconsistent."""
 

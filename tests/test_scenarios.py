@@ -137,7 +137,7 @@ def test_path_and_overrides(tmp_path):
         ("stages: [digits]\nbaselines: [zero_shot, oracle]\n", "x.yaml: baselines[1]: unknown baseline 'oracle'"),
         ("stages: [{dataset: digits, name: 'my task'}]\n", "x.yaml: stages[0].name: 'my task' must be letters"),
         ("stages: [digits]\ntasks: [mnist]\n", "x.yaml: give either 'stages' or 'tasks'"),
-        ("stages: [digits]\nsetting: domain_incremental\nstages: [cifar10, cifar100]\n",
+        ("setting: domain_incremental\nstages: [cifar10, cifar100]\n",
          "x.yaml: stages[1].dataset: 'cifar100' has 100 classes"),
     ],
 )

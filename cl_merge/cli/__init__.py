@@ -8,6 +8,9 @@ import argparse
 import importlib
 import sys
 
+DESCRIPTION = ("cl-merge: continual and multi-task learning by model merging "
+               "(fine-tune, merge task vectors, evaluate).")
+
 SUBCOMMANDS = {
     "merge": ("cl_merge.cli.merge_cmd", "merge checkpoints (safetensors, sharded or not) with any strategy"),
     "finetune": ("cl_merge.cli.finetune_cmd", "fine-tune one model on one task; write encoder + task vector"),
@@ -17,7 +20,7 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cl-merge", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="cl-merge", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in SUBCOMMANDS.items():
         module = importlib.import_module(module_name)
@@ -39,6 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._module.main(args) or 0)
     except ClMergeError as exc:
         print(f"cl-merge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        from cl_merge.core.io import disk_full
+
+        if not disk_full(exc):
+            raise
+        # a write outside the atomic writers (a Lightning checkpoint, a log): one line, not a traceback
+        where = getattr(exc, "filename", None)
+        print(f"cl-merge {args.command}: error: {where + ': ' if where else ''}no space left on device",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"cl-merge {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one job of a cluster job array (e.g. --stage $SLURM_ARRAY_TASK_ID); "
                              "a later plain run merges and evaluates")
     parser.add_argument("--order", type=int, default=0, help="with --stage: which order (0-based)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="validate the scenario as the run would build it and print the plan (stages, "
+                             "fine-tunes, merges, evaluations, disk); touches no data or weights, writes nothing")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -40,6 +43,11 @@ def main(args: argparse.Namespace) -> int:
             print(name)
         return 0
     scenario = load_scenario(args.scenario, overrides=args.overrides)
+    if args.dry_run:  # a real run validates the same way (runner.plan.validate_run) before writing anything
+        from cl_merge.runner.plan import build_plan
+
+        print(build_plan(scenario, args.accelerator).format())
+        return 0
     from cl_merge.runner import RunOptions, run_scenario
     from cl_merge.runner.run import finetune_stage
 

@@ -9,9 +9,11 @@ objects is refused with a ``CheckpointError``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -20,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cl_merge.errors import CheckpointError
+from cl_merge.errors import CheckpointError, DiskFullError
 
 PathLike = str | os.PathLike
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -28,25 +30,75 @@ INDEX_SUFFIX = ".index.json"
 
 
 # ----------------------------------------------------------------- atomic writes
+TEMP_MARK = ".tmp"  # temp names: ".<name>.<8 random>.tmp[<suffix>]" (mkstemp), beside the target
+_TEMP_NAME = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+def is_temp_file(name: str) -> bool:
+    """Whether ``name`` is one of this module's temp files (left behind only by a killed writer)."""
+    return bool(_TEMP_NAME.match(name))
+
+
+def _current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _make_temp(path: Path, suffix: str) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Rename the finished temp file over ``path`` with the permissions a plain
+    ``open`` would give (0666 minus the umask; ``mkstemp`` makes 0600, and
+    some writers replace the file they were given)."""
+    with contextlib.suppress(OSError):  # file systems without permissions (some network mounts)
+        os.chmod(tmp, 0o666 & ~_current_umask())
+    os.replace(tmp, path)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is "no space left on device" — also
+    from writers that wrap the OS error (torch's zip writer, safetensors)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(exc)
+        if "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _raise_if_disk_full(exc: BaseException, path: Path) -> None:
+    if disk_full(exc):
+        raise DiskFullError(f"{path}: no space left on device") from None
+
+
 @contextlib.contextmanager
 def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temp file beside ``path``; on success fsync and rename over it.
 
     On any exception the temp file is removed and ``path`` is untouched, so a
     killed process never leaves a half-written artifact under the final name.
+    A full disk raises ``DiskFullError`` ("<path>: no space left on device").
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _make_temp(path, TEMP_MARK)
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        _publish(tmp, path)
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _raise_if_disk_full(exc, path)
         raise
 
 
@@ -56,14 +108,15 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     (matplotlib, safetensors); rename it over ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = _make_temp(path, TEMP_MARK + path.suffix)
     os.close(fd)
     try:
         yield Path(tmp)
-        os.replace(tmp, path)
-    except BaseException:
+        _publish(tmp, path)
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        _raise_if_disk_full(exc, path)
         raise
 
 
@@ -156,8 +209,13 @@ class CheckpointReader:
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError(f"{index_path}: index has no 'weight_map'")
         self.metadata = {str(k): str(v) for k, v in (index.get("metadata") or {}).items()}
+        folder = index_path.parent.resolve()
         for shard_name in dict.fromkeys(weight_map.values()):
-            self._open_shard(index_path.parent / shard_name, expected=None)
+            shard = (index_path.parent / str(shard_name)).resolve()
+            # an index names shards beside it; a path that leaves the folder would read any file
+            if Path(str(shard_name)).is_absolute() or not shard.is_relative_to(folder):
+                raise CheckpointError(f"{index_path}: shard {shard_name!r} is outside the checkpoint folder {folder}")
+            self._open_shard(index_path.parent / str(shard_name), expected=None)
         missing = [k for k in weight_map if k not in self._where]
         if missing:
             raise CheckpointError(

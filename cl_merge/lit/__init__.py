@@ -13,6 +13,8 @@ _LAZY = {
     "FinetuneResult": "cl_merge.lit.finetune",
     "FineTuneModule": "cl_merge.lit.module",
     "WarmupCosine": "cl_merge.lit.module",
+    "WarmupSchedule": "cl_merge.lit.module",
+    "build_optimizer": "cl_merge.lit.module",
     "TaskDataModule": "cl_merge.lit.datamodule",
     "make_loggers": "cl_merge.lit.loggers",
 }

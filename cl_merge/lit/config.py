@@ -4,7 +4,8 @@ with ``cl_merge.config.from_dict(TrainConfig, data, where=...)``.
 
 Defaults follow the MagMax recipe for CLIP image encoders: AdamW lr 1e-5,
 weight decay 0.1, batch 128, cosine schedule with 500 linear warm-up steps,
-gradient clipping at 1.0.
+gradient clipping at 1.0. FusionBench's CLIP recipe is ``optimizer="adam"``,
+``weight_decay=0``, ``warmup_steps=0``, ``grad_clip=None``, 4000 steps.
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import dataclasses
 from typing import Literal
 
 from cl_merge.errors import HyperparameterError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("cosine", "constant", "linear")
+MAX_SEED = 2**32 - 1  # numpy / Lightning seeds are unsigned 32-bit
 
 # fields that change how a run looks, not what it computes (left out of the resume/skip key)
 COSMETIC_FIELDS = frozenset(
@@ -37,12 +42,20 @@ class TrainConfig:
     ``None`` validates only once at the end (``eval_splits``).
     ``deterministic``: ``Trainer(deterministic=...)``; CPU runs are
     reproducible with the same seed either way.
+    ``optimizer``: ``adamw`` (decoupled weight decay), ``adam`` (weight decay
+    as an L2 term, as ``torch.optim.Adam``) or ``sgd`` (with ``momentum``,
+    L2 weight decay). ``scheduler``: the learning rate after the linear
+    warm-up of ``warmup_steps`` steps: ``cosine`` decay to 0 at
+    ``max_steps``, ``linear`` decay to 0 at ``max_steps``, or ``constant``.
     """
 
     max_steps: int = 2000
     batch_size: int = 128
     lr: float = 1e-5
     weight_decay: float = 0.1
+    optimizer: Literal["adam", "adamw", "sgd"] = "adamw"
+    momentum: float = 0.9  # sgd only
+    scheduler: Literal["cosine", "constant", "linear"] = "cosine"
     warmup_steps: int = 500
     grad_clip: float | None = 1.0
     label_smoothing: float = 0.0
@@ -80,6 +93,14 @@ class TrainConfig:
             raise HyperparameterError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
             raise HyperparameterError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.optimizer not in OPTIMIZERS:
+            raise HyperparameterError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.scheduler not in SCHEDULERS:
+            raise HyperparameterError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise HyperparameterError(f"momentum must be in [0, 1), got {self.momentum}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise HyperparameterError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
         if self.warmup_steps < 0:
             raise HyperparameterError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.grad_clip is not None and self.grad_clip <= 0:

@@ -52,6 +52,10 @@ from cl_merge.models.base import ModelConfig, TaskModel, build_model, check_stat
 from cl_merge.models.heads import fingerprint_tensors
 
 log = logging.getLogger(__name__)
+# Lightning announces the accelerators and a tip through rank_zero_info on every fit (four lines per
+# fine-tune); the console keeps to progress bars and results. Its warnings still show.
+for _name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 METADATA_FORMAT = 1
 ENCODER_FILE, TASK_VECTOR_FILE, HEAD_FILE, METADATA_FILE = (
     "encoder.safetensors", "task_vector.safetensors", "head.safetensors", "metadata.json"
@@ -244,8 +248,8 @@ def finetune(
     # ---- train (resuming an interrupted run of the same configuration)
     ckpt_dir = out_dir / "checkpoints" / config_hash[:16]
     last_ckpt = ckpt_dir / "last.ckpt"
-    resume_from = last_ckpt if last_ckpt.exists() else None
-    start_step = _StartStep()
+    resumed_from_step = _usable_checkpoint_step(last_ckpt)
+    resume_from = last_ckpt if resumed_from_step is not None else None
     checkpoint_cb = ModelCheckpoint(
         dirpath=str(ckpt_dir),
         save_last=True,
@@ -265,7 +269,7 @@ def finetune(
         gradient_clip_val=config.grad_clip,
         deterministic=config.deterministic,
         logger=loggers,
-        callbacks=[checkpoint_cb, start_step, *callbacks],
+        callbacks=[checkpoint_cb, *callbacks],
         enable_progress_bar=config.progress_bar,
         enable_model_summary=False,
         log_every_n_steps=min(config.log_every_n_steps, config.max_steps),  # short runs still log
@@ -323,7 +327,7 @@ def finetune(
         "classnames": list(task_data.classnames),
         "metrics": metrics,
         "global_step": int(trainer.global_step),
-        "resumed_from_step": start_step.step,
+        "resumed_from_step": resumed_from_step or 0,
         "train_seconds": round(train_seconds, 3),
         "task_vector_norm": task_vector.norm(),
         "task_vector_definition": "fine-tuned encoder minus pretrained encoder (theta0), not minus the start state",
@@ -338,10 +342,19 @@ def finetune(
     return FinetuneResult(out_dir, metrics, metadata, skipped=False)
 
 
-class _StartStep(pl.Callback):
-    """Records the step training starts at (> 0 when resumed from a checkpoint)."""
-
-    step = 0
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.step = int(trainer.global_step)
+def _usable_checkpoint_step(path: Path) -> int | None:
+    """The global step a ``last.ckpt`` holds, or None when there is none or it
+    does not load (truncated by a kill or a full disk): that one is removed
+    with a warning and training starts over, instead of every rerun failing."""
+    if not path.exists():
+        return None
+    try:
+        # mmap: only the pickled structure is read, not every tensor
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        step = int(ckpt["global_step"])
+    except Exception as exc:  # noqa: BLE001 (whatever a damaged file raises, the answer is the same)
+        log.warning("%s does not load (%s); discarding it and training this stage from the start",
+                    path, str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__)
+        path.unlink(missing_ok=True)
+        return None
+    return step

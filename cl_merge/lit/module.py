@@ -2,9 +2,11 @@
 
 The standard recipe for CLIP (task vectors, MagMax): only the image encoder
 trains; the zero-shot head is frozen (its tensors are buffers). A ViT's
-linear head trains with the encoder. Optimiser: AdamW over the trainable
-parameters; learning rate: linear warm-up to ``lr`` over ``warmup_steps``,
-then cosine decay to 0 at ``max_steps``, stepped every optimizer step.
+linear head trains with the encoder. Optimiser (``TrainConfig.optimizer``): AdamW, Adam
+or SGD with momentum over the trainable parameters; learning rate: linear
+warm-up to ``lr`` over ``warmup_steps``, then (``TrainConfig.scheduler``)
+cosine or linear decay to 0 at ``max_steps``, or constant; stepped every
+optimizer step.
 """
 
 from __future__ import annotations
@@ -22,20 +24,47 @@ from cl_merge.errors import HyperparameterError
 from cl_merge.lit.config import TrainConfig
 
 
-class WarmupCosine:
-    """lr factor: (step+1)/warmup during warm-up, then 0.5·(1+cos(π·progress)).
+class WarmupSchedule:
+    """lr factor: (step+1)/warmup during warm-up, then by ``kind``:
+    ``cosine`` 0.5·(1+cos(π·progress)), ``linear`` 1−progress, ``constant`` 1,
+    with progress = (step−warmup)/(max_steps−warmup) clipped to [0, 1].
     A class rather than a closure so the scheduler state stays picklable."""
 
-    def __init__(self, warmup_steps: int, max_steps: int):
+    def __init__(self, warmup_steps: int, max_steps: int, kind: str = "cosine"):
+        if kind not in ("cosine", "linear", "constant"):
+            raise HyperparameterError(f"scheduler must be cosine, linear or constant, got {kind!r}")
         self.warmup_steps = warmup_steps
         self.max_steps = max_steps
+        self.kind = kind
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
+        if self.kind == "constant":
+            return 1.0
         decay_steps = max(1, self.max_steps - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        if self.kind == "linear":
+            return 1.0 - progress
         return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine(WarmupSchedule):
+    """``WarmupSchedule(..., "cosine")`` under the name scripts and tests import."""
+
+    def __init__(self, warmup_steps: int, max_steps: int):
+        super().__init__(warmup_steps, max_steps, "cosine")
+
+
+def build_optimizer(params, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimizer ``config.optimizer`` names, with ``lr`` and ``weight_decay``."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    raise HyperparameterError(f"optimizer must be adam, adamw or sgd, got {config.optimizer!r}")
 
 
 class FineTuneModule(pl.LightningModule):
@@ -107,8 +136,8 @@ class FineTuneModule(pl.LightningModule):
 
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        optimizer = build_optimizer(params, self.config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, WarmupCosine(self.config.warmup_steps, self.config.max_steps)
+            optimizer, WarmupSchedule(self.config.warmup_steps, self.config.max_steps, self.config.scheduler)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -13,26 +13,11 @@ import pytorch_lightning as pl
 
 from cl_merge.core.io import atomic_write_json, load_state_dict, save_state_dict
 from cl_merge.core.task_vector import TaskVector
-from cl_merge.errors import ConfigError
-
-# the scenario's ``train`` fields that map one to one onto TrainConfig
-_TRAIN_FIELDS = ("max_steps", "lr", "batch_size", "weight_decay", "warmup_steps", "grad_clip", "label_smoothing")
-
 
 def train_config_for(scenario, accelerator: str = "auto"):
-    """TrainConfig from the scenario's ``train`` overrides (the recipe is AdamW
-    with a cosine schedule after linear warm-up; others are refused)."""
-    from cl_merge.lit.config import TrainConfig
-
-    spec = scenario.train
-    if getattr(spec, "optimizer", None) not in (None, "adamw"):
-        raise ConfigError(f"train.optimizer: only 'adamw' is implemented, got {spec.optimizer!r}")
-    if getattr(spec, "scheduler", None) not in (None, "cosine"):
-        raise ConfigError(f"train.scheduler: only 'cosine' (with linear warm-up) is implemented, got {spec.scheduler!r}")
-    values = {name: getattr(spec, name) for name in _TRAIN_FIELDS if getattr(spec, name, None) is not None}
-    values.setdefault("warmup_steps", min(500, values.get("max_steps", 2000) // 10))
-    return TrainConfig(**values, accelerator=accelerator, cache_tensors=True, eval_splits=["val"],
-                       progress_bar=False, seed=scenario.seed)
+    """The scenario's TrainConfig (``TrainSpec.to_train_config``: the mapping
+    and validation the scenario loader already ran)."""
+    return scenario.train.to_train_config(seed=scenario.seed, accelerator=accelerator)
 
 
 class StepHookCallback(pl.Callback):
@@ -58,8 +43,15 @@ class StageFinetuner:
         self.order_run = None
 
     def __call__(self, *, stage, stage_index: int, init_state, out_dir: Path, chain: str) -> Path:
-        if stage.checkpoint:
-            return self._import_checkpoint(stage, out_dir)
+        from cl_merge.runner.folder import artifact_lock
+
+        # per-artifact lock: --stage jobs of one job array share the run folder
+        with artifact_lock(out_dir, f"stage {stage_index} ({stage.name}) of chain {chain}"):
+            if stage.checkpoint:
+                return self._import_checkpoint(stage, out_dir)
+            return self._finetune(stage, stage_index, init_state, out_dir, chain)
+
+    def _finetune(self, stage, stage_index: int, init_state, out_dir: Path, chain: str) -> Path:
         from cl_merge.lit.config import LoggerConfig
         from cl_merge.lit.finetune import finetune
 
@@ -70,7 +62,7 @@ class StageFinetuner:
             out_dir=out_dir,
             init_encoder_state=init_state,
             pretrained_encoder_state=self.pool.theta0,
-            seed=self.scenario.seed * 1000 + stage_index,
+            seed=self.scenario.stage_seed(stage_index),
             logger_cfg=LoggerConfig(wandb=False),
             callbacks=[StepHookCallback(self.options.hook, f"{chain}/{stage_index:02d}-{stage.name}")],
         )

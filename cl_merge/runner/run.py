@@ -42,11 +42,13 @@ def resolve_pretrained(scenario, options: RunOptions):
     return pretrained
 
 
-def _setup(scenario, options: RunOptions):
+def _setup(scenario, options: RunOptions, lock: bool = True):
     from cl_merge.models import create_model
+    from cl_merge.runner.plan import validate_run
 
+    validate_run(scenario, options.accelerator)  # before the run folder exists: a bad config leaves nothing behind
     root = Path(options.out_dir)
-    top = RunFolder(root, scenario.fingerprint(), scenario.to_dict())
+    top = RunFolder(root, scenario.fingerprint(), scenario.to_dict(), lock=lock)
     pretrained = resolve_pretrained(scenario, options)
     model = create_model(scenario.model.family, scenario.model.name, pretrained, init_seed=scenario.seed)
     return root, top, pretrained, model
@@ -78,9 +80,11 @@ def finetune_stage(scenario, options: RunOptions, stage_index: int, order_index:
     stages = orders[order_index]
     if not 0 <= stage_index < len(stages):
         raise ConfigError(f"--stage {stage_index} is out of range: the scenario has {len(stages)} stages")
-    root, top, pretrained, model = _setup(scenario, options)
+    # a job of an array: no run-wide lock, each fine-tune locks its own artifact
+    root, top, pretrained, model = _setup(scenario, options, lock=False)
     fingerprint = scenario.fingerprint()
-    folder = top if len(orders) == 1 else RunFolder(root / f"order-{order_index:02d}", fingerprint, scenario.to_dict())
+    folder = top if len(orders) == 1 else RunFolder(root / f"order-{order_index:02d}", fingerprint,
+                                                    scenario.to_dict(), lock=False)
     order_run = _order_run(scenario, stages, folder, pretrained, model, options)
     if "independent" not in order_run._chains():
         raise ConfigError(

@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cl_merge.config import apply_overrides, from_dict, load_yaml
-from cl_merge.errors import ClMergeError, ConfigError, UnknownNameError, close_matches
+from cl_merge.errors import ClMergeError, ConfigError, HyperparameterError, UnknownNameError, close_matches
 from cl_merge.scenario.orders import split_stages
-from cl_merge.scenario.schema import BaselinesSpec, CalibrationSpec, Scenario, SplitSpec, StageSpec
+from cl_merge.scenario.schema import STAGE_SEED_STRIDE, BaselinesSpec, CalibrationSpec, Scenario, SplitSpec, StageSpec
 
 ENV_VAR = "CL_MERGE_SCENARIOS"
 SUFFIXES = (".yaml", ".yml")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-_SPLIT_KEYS = ("dataset", "num_tasks", "class_order_seed", "num_classes")
+_SPLIT_KEYS = ("dataset", "num_tasks", "class_order_seed", "class_order", "num_classes")
 
 
 # ----------------------------------------------------------------- finding files
@@ -202,7 +202,13 @@ def _resolve_stages(sc: Scenario, where: str, registry) -> None:
         _check(split.num_tasks <= num_classes,
                f"{where}: split.num_tasks: {split.num_tasks} tasks but {split.dataset!r} has only {num_classes} classes")
         split.num_classes = num_classes
-        sc.stages = split_stages(split.dataset, num_classes, split.num_tasks, split.class_order_seed, split.variant)
+        if split.class_order is not None:
+            _check(split.class_order_seed is None,
+                   f"{where}: split.class_order: give either class_order or class_order_seed, not both")
+            _check(sorted(split.class_order) == list(range(num_classes)),
+                   f"{where}: split.class_order: must list every class 0..{num_classes - 1} once")
+        sc.stages = split_stages(split.dataset, num_classes, split.num_tasks, split.class_order_seed, split.variant,
+                                 split.class_order)
     _check(len(sc.stages) > 0, f"{where}: stages: empty stage list (give at least one stage)")
 
 
@@ -320,6 +326,17 @@ def _validate_methods(sc: Scenario, where: str) -> None:
         labels[label] = i
 
 
+def _validate_seeds(sc: Scenario, where: str) -> None:
+    from cl_merge.lit.config import MAX_SEED
+
+    # every stage's fine-tune seed (seed * stride + stage) must be a valid numpy / Lightning seed
+    top = (MAX_SEED - len(sc.stages)) // STAGE_SEED_STRIDE
+    _check(0 <= sc.seed <= top, f"{where}: seed: must be in 0..{top}, got {sc.seed}")
+    if sc.calibration is not None and sc.calibration.seed is not None:
+        _check(0 <= sc.calibration.seed <= MAX_SEED,
+               f"{where}: calibration.seed: must be in 0..{MAX_SEED}, got {sc.calibration.seed}")
+
+
 def _validate(sc: Scenario, where: str) -> Scenario:
     registry = _dataset_registry()
     if sc.split is not None and registry is not None:
@@ -339,20 +356,22 @@ def _validate(sc: Scenario, where: str) -> Scenario:
     if sc.order == "fixed":
         _check(sc.orders == 1, f"{where}: orders: {sc.orders} orders need order: random (a fixed order is one order)")
     if sc.split is not None and sc.order == "random":
-        _check(sc.split.class_order_seed is None,
-               f"{where}: split.class_order_seed: with orders > 1 the class orders come from order_seed; remove it")
+        for key in ("class_order_seed", "class_order"):
+            _check(getattr(sc.split, key) is None,
+                   f"{where}: split.{key}: with orders > 1 the class orders come from order_seed; remove it")
     if sc.setting == "multi_task":
         _check(sc.init == "pretrained", f"{where}: init: multi_task fine-tunes every task from θ0; use init: pretrained")
         _check(sc.orders == 1, f"{where}: orders: multi_task merges all tasks at once; orders must be 1")
     _check(sc.eval.batch_size >= 1, f"{where}: eval.batch_size: must be >= 1")
     _check(sc.eval.max_test is None or sc.eval.max_test >= 1, f"{where}: eval.max_test: must be >= 1")
-    for key in ("max_steps", "batch_size", "max_train"):
-        value = getattr(sc.train, key)
-        _check(value is None or value >= 1, f"{where}: train.{key}: must be >= 1, got {value}")
-    for key in ("warmup_steps",):
-        value = getattr(sc.train, key)
-        _check(value is None or value >= 0, f"{where}: train.{key}: must be >= 0, got {value}")
-    _check(sc.train.lr is None or sc.train.lr > 0, f"{where}: train.lr: must be > 0, got {sc.train.lr}")
+    _check(sc.train.max_train is None or sc.train.max_train >= 1,
+           f"{where}: train.max_train: must be >= 1, got {sc.train.max_train}")
+    _validate_seeds(sc, where)
+    # the fine-tuning recipe is validated by the TrainConfig the runner will build (one validation)
+    try:
+        sc.train.to_train_config(seed=sc.seed)
+    except HyperparameterError as exc:
+        raise ConfigError(f"{where}: train: {exc}") from None
     if sc.calibration is not None:
         _check(sc.calibration.n_per_class >= 1, f"{where}: calibration.n_per_class: must be >= 1")
         _check(sc.calibration.split != sc.eval.split,

@@ -48,13 +48,17 @@ def contiguous_class_splits(class_order: Sequence[int], num_tasks: int) -> list[
 
 
 def split_stages(dataset: str, num_classes: int, num_tasks: int, class_order_seed: int | None,
-                 variant: str | None = None) -> list["StageSpec"]:
-    """Class-incremental stages: classes (optionally permuted by ``class_order_seed``) in contiguous splits."""
+                 variant: str | None = None, class_order: Sequence[int] | None = None) -> list["StageSpec"]:
+    """Class-incremental stages: classes in contiguous splits of ``class_order``
+    (given), or of 0..C-1 permuted by ``class_order_seed``, or of 0..C-1."""
     from cl_merge.scenario.schema import StageSpec
 
-    order = list(range(num_classes)) if class_order_seed is None else seeded_permutation(
-        num_classes, "classes", class_order_seed
-    )
+    if class_order is not None:
+        order = list(class_order)
+    elif class_order_seed is not None:
+        order = seeded_permutation(num_classes, "classes", class_order_seed)
+    else:
+        order = list(range(num_classes))
     prefix = dataset if variant is None else f"{dataset}_{variant}"
     return [
         StageSpec(dataset=dataset, name=f"{prefix}_t{k:02d}", classes=classes, variant=variant)

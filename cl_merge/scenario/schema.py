@@ -7,6 +7,7 @@ cross-field rules (class splits, settings, orders) live in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ class SplitSpec:
     dataset: str
     num_tasks: int
     class_order_seed: int | None = None  # None: classes 0..C-1 in order; int: seeded permutation first
+    class_order: list[int] | None = None  # a fixed class order (a permutation of 0..C-1), cut into the splits
     num_classes: int | None = None  # only needed when the dataset registry does not know the dataset
     variant: str | None = None
 
@@ -68,20 +70,59 @@ class BaselinesSpec:
     task_arithmetic: bool = False  # plain task arithmetic next to the methods under study
 
 
+def _train_default(name: str):
+    """The fine-tuning preset's value of ``name`` (``TrainConfig``'s default):
+    the recipe's numbers live in one place."""
+    from cl_merge.lit.config import TrainConfig
+
+    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
+# a fine-tune's seed is scenario.seed * STAGE_SEED_STRIDE + stage index
+STAGE_SEED_STRIDE = 1000
+
+
 @dataclass
 class TrainSpec:
-    """Overrides of the fine-tuning recipe; ``None`` keeps the model preset's value."""
+    """The fine-tuning recipe of every stage. Each field is the
+    ``cl_merge.lit.TrainConfig`` field of the same name (same defaults, same
+    validation); ``grad_clip: null`` turns clipping off. ``warmup_steps:
+    null`` means min(500, max_steps // 10). ``accelerator`` is overridden by
+    ``cl-merge run --accelerator`` when that is not ``auto``."""
 
-    max_steps: int | None = None
-    lr: float | None = None
-    batch_size: int | None = None
-    weight_decay: float | None = None
+    max_steps: int = _train_default("max_steps")
+    lr: float = _train_default("lr")
+    batch_size: int = _train_default("batch_size")
+    weight_decay: float = _train_default("weight_decay")
     warmup_steps: int | None = None
-    optimizer: Literal["adam", "adamw", "sgd"] | None = None
-    scheduler: Literal["cosine", "constant", "linear"] | None = None
-    grad_clip: float | None = None
-    label_smoothing: float | None = None
-    max_train: int | None = None  # cap on training examples per task (quick runs)
+    optimizer: Literal["adam", "adamw", "sgd"] = _train_default("optimizer")
+    momentum: float = _train_default("momentum")  # sgd only
+    scheduler: Literal["cosine", "constant", "linear"] = _train_default("scheduler")
+    grad_clip: float | None = _train_default("grad_clip")
+    label_smoothing: float = _train_default("label_smoothing")
+    accelerator: str = _train_default("accelerator")
+    devices: int | str | list[int] = _train_default("devices")
+    strategy: str = _train_default("strategy")
+    precision: str | int = _train_default("precision")
+    num_workers: int = _train_default("num_workers")
+    max_train: int | None = None  # cap on training examples per task (quick runs); not a TrainConfig field
+
+    def resolved_warmup_steps(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else min(500, self.max_steps // 10)
+
+    def to_train_config(self, seed: int, accelerator: str | None = None):
+        """The ``TrainConfig`` every stage of the scenario fine-tunes with: the
+        one mapping of the ``train`` section (the loader builds it at load time,
+        so a bad value fails there; the runner builds the same). Raises
+        ``HyperparameterError`` naming the field."""
+        from cl_merge.lit.config import TrainConfig
+
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "max_train"}
+        values["warmup_steps"] = self.resolved_warmup_steps()
+        if accelerator not in (None, "auto"):
+            values["accelerator"] = accelerator
+        # the runner caches preprocessed tensors, validates on val only, and prints its own progress
+        return TrainConfig(**values, cache_tensors=True, eval_splits=["val"], progress_bar=False, seed=seed)
 
 
 @dataclass
@@ -125,6 +166,10 @@ class Scenario:
     k_shot: int | None = None  # default k for few-shot stages
     seed: int = 0
 
+    def stage_seed(self, stage_index: int) -> int:
+        """The seed of stage ``stage_index``'s fine-tune."""
+        return self.seed * STAGE_SEED_STRIDE + stage_index
+
     @property
     def task_names(self) -> list[str]:
         return [stage.name for stage in self.stages]
@@ -142,9 +187,13 @@ class Scenario:
     def fingerprint(self) -> str:
         """Stable hash of the resolved config (name and description excluded):
         a run folder written under one fingerprint is not resumed under another."""
+        from cl_merge.lit.config import COSMETIC_FIELDS
+
         body = self.to_dict()
         body.pop("name", None)
         body.pop("description", None)
+        for key in COSMETIC_FIELDS:  # how a run looks (num_workers), not what it computes
+            body["train"].pop(key, None)
         text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
