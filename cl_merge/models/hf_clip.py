@@ -138,6 +138,10 @@ class HFClipModel(ClipModel):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return _features(self.clip.get_text_features(input_ids=tokens))
 
+    @property
+    def quick_gelu(self) -> bool:
+        return getattr(self.clip.config.vision_config, "hidden_act", None) == "quick_gelu"
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "base": self.base}
 
