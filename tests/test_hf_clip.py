@@ -178,3 +178,51 @@ def test_unknown_hub_id_offline_says_how_to_fetch(tmp_path, monkeypatch):
         create_model("hf_clip", "nobody/no-such-clip", cache_dir=tmp_path / "hf_home" / "hub")
     with pytest.raises(CheckpointError, match="folder not found"):
         create_model("hf_clip", str(tmp_path / "missing" / "folder"))
+
+
+def test_stream_of_hf_checkpoints_from_local_folders(tiny_clip_dir, tmp_path, monkeypatch):
+    """FusionBench's set-up in small: a base CLIPModel as θ0 and vision-only
+    fine-tuned folders as the stages (hub ids work the same way online)."""
+    import yaml
+
+    from cl_merge.core.io import load_state_dict
+    from cl_merge.runner import RunOptions, run_scenario
+    from cl_merge.scenario import checkpoint_path, load_scenario
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    first = _vision_only_dir(tiny_clip_dir, tmp_path / "pool" / "digits")
+    body = {
+        "setting": "task_incremental",
+        "model": {"family": "hf_clip", "name": str(tiny_clip_dir)},
+        "stages": [{"dataset": "digits", "checkpoint": "pool/digits"},
+                   {"dataset": "digits", "variant": "invert", "checkpoint": "nobody/clip-vit-tiny_digits_invert"}],
+        "merge": [{"method": "task_arithmetic", "hyperparameters": {"scaling": 1.0}}],
+        "baselines": {"zero_shot": True, "individual": False},
+        "eval": {"max_test": 40},
+    }
+    path = tmp_path / "fusionbench_like.yaml"
+    path.write_text(yaml.safe_dump(body))
+    scenario = load_scenario(path)
+    assert checkpoint_path(scenario, scenario.stages[0]) == tmp_path / "pool" / "digits"
+    assert checkpoint_path(scenario, scenario.stages[1]) == "nobody/clip-vit-tiny_digits_invert"
+    # a hub id that is not cached: the run stops at that stage with the fetch command
+    with pytest.raises(CheckpointError, match="hf download nobody/clip-vit-tiny_digits_invert"):
+        run_scenario(scenario, RunOptions(out_dir=tmp_path / "run", progress=False, wandb_mode="disabled",
+                                          log=lambda m: None))
+    second = _vision_only_dir(tiny_clip_dir, tmp_path / "pool" / "invert")
+    body["stages"][1]["checkpoint"] = "pool/invert"
+    path.write_text(yaml.safe_dump(body))
+    scenario = load_scenario(path)
+    out = tmp_path / "run2"
+    run_scenario(scenario, RunOptions(out_dir=out, progress=False, wandb_mode="disabled", log=lambda m: None))
+    base = create_model("hf_clip", str(tiny_clip_dir), head_cache_dir=None).encoder_state_dict()
+    for tag, tuned in (("00-digits", first), ("01-digits_invert", second)):
+        encoder = load_state_dict(out / "finetune" / "independent" / tag / "encoder.safetensors")
+        assert torch.equal(encoder["visual_projection.weight"], base["visual_projection.weight"])
+        key = next(k for k in tuned if k.endswith("layers.1.self_attn.q_proj.weight"))
+        assert torch.equal(encoder["vision_model.encoder.layers.1.self_attn.q_proj.weight"], tuned[key])
+        tv = load_state_dict(out / "finetune" / "independent" / tag / "task_vector.safetensors")
+        assert torch.allclose(tv["vision_model.encoder.layers.1.self_attn.q_proj.weight"],
+                              tuned[key] - base["vision_model.encoder.layers.1.self_attn.q_proj.weight"])
+    results = {r["name"] for r in json.loads((out / "metrics.json").read_text())["results"]}
+    assert {"task_arithmetic", "zero_shot"} <= results
