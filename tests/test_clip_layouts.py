@@ -139,6 +139,10 @@ def test_foreign_layout_error_names_it_and_the_command():
     with pytest.raises(CheckpointError, match=r"looks like a hf_clip checkpoint.*"
                                               r"`cl-merge convert ft\.safetensors converted\.safetensors --to open_clip`"):
         check_state_dict_fits(encoder_ref, hf, what="checkpoint ft.safetensors", source="ft.safetensors")
+    # the image tower alone (keys whose tails match the reference's) is named by its layout too
+    tower = {k: v for k, v in hf.items() if k.startswith("vision_model.") or k == "visual_projection.weight"}
+    with pytest.raises(CheckpointError, match="looks like a hf_clip checkpoint"):
+        check_state_dict_fits(encoder_ref, tower)
     timm_like = {"patch_embed.proj.weight": torch.zeros(1), "cls_token": torch.zeros(1), "blocks.0.norm1.weight": torch.zeros(1)}
     with pytest.raises(CheckpointError, match="looks like a timm checkpoint.*do not convert"):
         check_state_dict_fits(encoder_ref, timm_like)

@@ -78,7 +78,7 @@ def check_state_dict_fits(
             parts.append(f"{len(missing)} missing key(s), first {missing[0]!r}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
-        hint = _prefix_hint(reference, unexpected) or layout_hint(reference, state_dict, source)
+        hint = layout_hint(reference, state_dict, source) or _prefix_hint(reference, unexpected)
         raise CheckpointError(f"{what} state dict does not fit: {'; '.join(parts)}{hint}")
     for key, value in state_dict.items():
         ref = reference.get(key)

@@ -302,6 +302,8 @@ def layout_hint(reference: Mapping[str, Tensor], state: Mapping[str, Tensor], so
     want = detect_layout(reference)
     if have == "unknown" or want == "unknown" or have == want:
         return ""
+    if _FAMILY_OF.get(have) is not None and _FAMILY_OF.get(have) == _FAMILY_OF.get(want):
+        return ""  # the same library's names under another prefix: the prefix hint says which
     path = source or "CHECKPOINT"
     target = _FAMILY_OF.get(want)
     if target is not None and _FAMILY_OF.get(have) is not None:
