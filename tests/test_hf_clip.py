@@ -226,3 +226,24 @@ def test_stream_of_hf_checkpoints_from_local_folders(tiny_clip_dir, tmp_path, mo
                               tuned[key] - base["vision_model.encoder.layers.1.self_attn.q_proj.weight"])
     results = {r["name"] for r in json.loads((out / "metrics.json").read_text())["results"]}
     assert {"task_arithmetic", "zero_shot"} <= results
+
+
+def test_cli_finetune_takes_an_hf_clip_model(tiny_clip_dir, tmp_path, capsys):
+    import yaml
+
+    from cl_merge.cli import main
+    from cl_merge.core.io import load_state_dict
+
+    config = tmp_path / "ft.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"family": "hf_clip", "name": str(tiny_clip_dir), "kwargs": {"head_cache_dir": None}},
+        "task": {"dataset": "digits", "max_train": 48, "max_val": 16, "max_test": 16},
+        "train": {"max_steps": 2, "batch_size": 16, "lr": 1e-3, "warmup_steps": 0, "progress_bar": False},
+        "logging": {"wandb": False},
+    }))
+    out = tmp_path / "ft"
+    assert main(["finetune", "--config", str(config), "--out", str(out)]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    tau = load_state_dict(out / "task_vector.safetensors")
+    assert set(tau) == set(create_model("hf_clip", str(tiny_clip_dir), head_cache_dir=None).encoder_state_dict())
+    assert float(tau["visual_projection.weight"].abs().sum()) > 0
