@@ -155,3 +155,15 @@ def test_convert_refuses_keys_outside_the_shared_layout():
         convert_layout(oc, "hf_clip")
     with pytest.raises(CheckpointError, match="layout 'timm'"):
         convert_layout({"patch_embed.proj.weight": torch.zeros(1), "cls_token": torch.zeros(1)}, "open_clip")
+
+
+def test_open_clip_model_loads_weights_saved_in_hf_layout(tmp_path):
+    from cl_merge.core.io import save_state_dict
+    from cl_merge.models import create_model
+
+    source = create_model("clip", "clmerge-tiny-clip", init_seed=3, head_cache_dir=None)
+    expected = source.clip.state_dict()
+    path = save_state_dict(open_clip_to_hf(expected), tmp_path / "hf_layout.safetensors")
+    loaded = create_model("clip", "clmerge-tiny-clip", str(path), init_seed=0, head_cache_dir=None)
+    state = loaded.clip.state_dict()
+    assert set(state) == set(expected) and all(torch.equal(state[k], expected[k]) for k in expected)

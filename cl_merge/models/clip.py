@@ -151,6 +151,26 @@ def uses_quick_gelu(module: nn.Module) -> bool:
     return any(type(m).__name__ == "QuickGELU" for m in module.modules())
 
 
+def _foreign_layout_weights(path: str) -> dict[str, torch.Tensor] | None:
+    """A weights file or folder open_clip cannot read itself, converted to
+    open_clip's names: Hugging Face CLIP, task-vectors' pickled ImageEncoder.
+    None for open_clip's own layout (and anything unrecognised), which
+    open_clip loads as before."""
+    from cl_merge.core.io import open_checkpoint
+    from cl_merge.core.pickle_import import load_checkpoint_tensors
+    from cl_merge.models.clip_layouts import convert_layout, detect_layout
+
+    file = Path(path)
+    if file.is_dir() or file.suffix == ".safetensors":
+        with open_checkpoint(file) as reader:  # safetensors: keys only, nothing read yet
+            if detect_layout(reader.keys()) in ("open_clip", "unknown"):
+                return None
+    state = load_checkpoint_tensors(file)
+    if detect_layout(state) in ("open_clip", "unknown"):
+        return None
+    return convert_layout(state, "open_clip")
+
+
 def _is_hub_name(name: str) -> bool:
     return name.startswith(("hf-hub:", "local-dir:"))
 
@@ -193,13 +213,18 @@ def create_clip(
         models = open_clip.list_models()
         if name not in models:
             raise UnknownNameError(f"unknown CLIP model {name!r}{close_matches(name, models)} (see open_clip.list_models())")
-        if pretrained and not Path(pretrained).is_file():
+        if pretrained and not Path(pretrained).exists():
             tags = _known_tags(name)
             if pretrained not in tags:
                 raise UnknownNameError(
                     f"unknown pretrained tag {pretrained!r} for CLIP model {name!r} and no such file"
                     f"{close_matches(pretrained, tags)} (available: {', '.join(tags) or 'none'})"
                 )
+    foreign = _foreign_layout_weights(pretrained) if pretrained and Path(pretrained).exists() else None
+    if foreign is not None:
+        pretrained_arg, weights_file = None, pretrained  # open_clip cannot read it; loaded below
+    else:
+        pretrained_arg, weights_file = pretrained, None
     if open_clip_kwargs.get("force_quick_gelu") is None:
         # the weights' own activation; open_clip would otherwise build GELU and warn
         open_clip_kwargs["force_quick_gelu"] = needs_quick_gelu(name, pretrained)
@@ -207,7 +232,7 @@ def create_clip(
         with seeded_init(init_seed):
             clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 name,
-                pretrained=pretrained,
+                pretrained=pretrained_arg,
                 cache_dir=str(cache_dir) if cache_dir is not None else None,
                 device=device,
                 precision=precision,
@@ -227,6 +252,11 @@ def create_clip(
             f"could not download pretrained weights {pretrained!r} for CLIP model {name!r}: {_offline_reason()} "
             f"[{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}]"
         ) from None
+    if foreign is not None:
+        from cl_merge.models.base import check_state_dict_fits
+
+        check_state_dict_fits(clip.state_dict(), foreign, what=f"pretrained weights {weights_file}", source=weights_file)
+        clip.load_state_dict(foreign)
     tokenizer = open_clip.get_tokenizer(name)
     if head_cache_dir == "default":
         head_cache_dir = default_head_cache_dir()
