@@ -169,6 +169,10 @@ class _Storage:
         return self.data.view(self.dtype)
 
 
+_DTYPE_NAMES = {
+    "float32", "float", "float64", "double", "float16", "half", "bfloat16", "int64", "long", "int32", "int",
+    "int16", "short", "int8", "uint8", "bool", "complex64", "cfloat", "complex128", "cdouble",
+}
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
     "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
@@ -264,7 +268,7 @@ class _Unpickler(pickle.Unpickler):
             return _StorageType(_STORAGE_DTYPES[name])
         if module == "torch.storage" and name in ("UntypedStorage", "_LegacyStorage", "TypedStorage"):
             return _StorageType(torch.uint8)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        if module == "torch" and name in _DTYPE_NAMES:
             return getattr(torch, name)  # a dtype is data
         return _stand_in(module, name)
 
