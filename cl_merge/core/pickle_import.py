@@ -295,7 +295,9 @@ class _Unpickler(pickle.Unpickler):
 def _bytes_tensor(raw: bytes, nbytes: int, what: str) -> Tensor:
     if len(raw) < nbytes:
         raise CheckpointError(f"{what}: storage holds {len(raw)} bytes, needs {nbytes}")
-    return torch.frombuffer(bytearray(raw[:nbytes]), dtype=torch.uint8) if nbytes else torch.empty(0, dtype=torch.uint8)
+    if not nbytes:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8, count=nbytes)  # one writable copy
 
 
 def _load_zip(path: Path, archive: zipfile.ZipFile):
@@ -375,6 +377,9 @@ def safe_unpickle(path: PathLike):
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
+        if zipfile.is_zipfile(path):  # read entry by entry, not the whole file into memory
+            with zipfile.ZipFile(path) as archive:
+                return _load_zip(path, archive)
         return _load_bytes(path.read_bytes(), str(path))
     except _Refused as exc:
         raise CheckpointError(f"{path}: {exc}") from None
@@ -450,8 +455,18 @@ def extract_state_dict(obj) -> dict[str, Tensor]:
         raise CheckpointError(f"the pickle holds a {_describe(obj)}, not a module or a state dict")
     if not out:
         raise CheckpointError("the pickle holds no tensors")
-    # views of one storage become separate tensors (safetensors wants distinct memory)
-    return {k: v.detach().clone() for k, v in out.items()}
+    # views into a storage (shared, offset or strided) become tensors of their own
+    # (safetensors wants distinct memory); a tensor that is its whole storage is kept as is
+    owners: dict[int, int] = {}
+    for v in out.values():
+        owners[v.untyped_storage().data_ptr()] = owners.get(v.untyped_storage().data_ptr(), 0) + 1
+
+    def own(v: Tensor) -> Tensor:
+        whole = (v.is_contiguous() and v.storage_offset() == 0
+                 and v.numel() * v.element_size() == v.untyped_storage().nbytes())
+        return v.detach() if whole and owners[v.untyped_storage().data_ptr()] == 1 else v.detach().clone()
+
+    return {k: own(v) for k, v in out.items()}
 
 
 def load_checkpoint_tensors(path: PathLike) -> dict[str, Tensor]:
