@@ -14,7 +14,7 @@ from PIL import Image
 
 from cl_merge.config import from_dict
 from cl_merge.errors import CheckpointError, UnknownNameError
-from cl_merge.models import HeadCache, ModelConfig, ZeroShotHead, build_model, concat_heads, create_model
+from cl_merge.models import HeadCache, ModelConfig, ZeroShotHead, build_model, check_state_dict_fits, concat_heads, create_model
 
 CLASSES = ["cat", "dog", "airplane"]
 TEMPLATES = ["a photo of a {}.", "a drawing of a {}."]
@@ -138,7 +138,12 @@ def test_encoder_state_dict_errors_name_the_key(clip):
     with pytest.raises(CheckpointError, match=r"shape mismatch for 'proj'.*\[128, 64\].*\[64, 64\]"):
         clip.load_encoder_state_dict({**sd, "proj": torch.zeros(64, 64)})
     with pytest.raises(CheckpointError, match="prefixed with 'visual.'"):
-        clip.load_encoder_state_dict({f"visual.{k}": v for k, v in sd.items()})
+        check_state_dict_fits(sd, {f"visual.{k}": v for k, v in sd.items()})
+    # loading a whole-model (or Hugging Face layout) state dict converts it to the encoder's layout
+    shifted = {k: v + 1 for k, v in sd.items()}
+    clip.load_encoder_state_dict({f"visual.{k}": v for k, v in shifted.items()})
+    assert all(torch.equal(v, shifted[k]) for k, v in clip.encoder_state_dict().items())
+    clip.load_encoder_state_dict(sd)
     clip.load_encoder_state_dict(missing, strict=False)  # non-strict tolerates missing keys
 
 

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "finetune": ("cl_merge.cli.finetune_cmd", "fine-tune one model on one task; write encoder + task vector"),
     "run": ("cl_merge.cli.run_cmd", "run a scenario (no argument: the offline default benchmark)"),
     "methods": ("cl_merge.cli.methods_cmd", "list merging strategies with their hyperparameters"),
+    "convert": ("cl_merge.cli.convert_cmd", "rewrite a checkpoint (pickled modules too) as safetensors, optionally in another CLIP layout"),
 }
 
 

@@ -305,7 +305,8 @@ def _torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"refusing to load {path}: it holds objects beyond plain tensors, which only an unsafe "
-            f"unpickle could build ({first[:160]}); re-save it as safetensors"
+            f"unpickle could build ({first[:160]}); convert it safely with "
+            f"`cl-merge convert {path} {path.with_suffix('.safetensors')}`"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
         raise CheckpointError(f"corrupt or truncated checkpoint {path}: {str(exc).splitlines()[0][:200]}") from None

@@ -1,4 +1,5 @@
-"""Models: CLIP (open_clip) and ViT (timm) behind one ``TaskModel`` interface.
+"""Models: CLIP (open_clip or Hugging Face transformers) and ViT (timm) behind
+one ``TaskModel`` interface.
 
 >>> from cl_merge.models import create_model
 >>> model = create_model("clip", "clmerge-tiny-clip")          # offline, random init
@@ -24,6 +25,10 @@ from cl_merge.models.heads import HeadCache, ZeroShotHead, concat_heads, head_fr
 _LAZY = {
     "create_clip": "cl_merge.models.clip",
     "ClipModel": "cl_merge.models.clip",
+    "create_hf_clip": "cl_merge.models.hf_clip",
+    "HFClipModel": "cl_merge.models.hf_clip",
+    "detect_layout": "cl_merge.models.clip_layouts",
+    "convert_layout": "cl_merge.models.clip_layouts",
     "create_vit": "cl_merge.models.vit",
     "VitModel": "cl_merge.models.vit",
     "VIT_PRESETS": "cl_merge.models.vit",

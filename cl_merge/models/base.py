@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from cl_merge.errors import CheckpointError, HyperparameterError, UnknownNameError, close_matches
+from cl_merge.models.clip_layouts import adapt_to_reference, layout_hint
 
 Tensor = torch.Tensor
 TrainableMode = Literal["all", "last_k_blocks", "layernorm"]
@@ -62,9 +63,13 @@ def seeded_init(seed: int) -> Iterator[None]:
 
 
 def check_state_dict_fits(
-    reference: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], *, strict: bool = True, what: str = "encoder"
+    reference: Mapping[str, Tensor], state_dict: Mapping[str, Tensor], *, strict: bool = True, what: str = "encoder",
+    source: str | None = None,
 ) -> None:
-    """Raise ``CheckpointError`` naming the first key that does not fit."""
+    """Raise ``CheckpointError`` naming the first key that does not fit; a
+    checkpoint in a recognisably different layout (HF CLIP given to an
+    open_clip model, ...) is named, with the command that converts it
+    (``source``: its path, for that command)."""
     missing = [k for k in reference if k not in state_dict]
     unexpected = [k for k in state_dict if k not in reference]
     if strict and (missing or unexpected):
@@ -73,7 +78,8 @@ def check_state_dict_fits(
             parts.append(f"{len(missing)} missing key(s), first {missing[0]!r}")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected key(s), first {unexpected[0]!r}")
-        raise CheckpointError(f"{what} state dict does not fit: {'; '.join(parts)}{_prefix_hint(reference, unexpected)}")
+        hint = layout_hint(reference, state_dict, source) or _prefix_hint(reference, unexpected)
+        raise CheckpointError(f"{what} state dict does not fit: {'; '.join(parts)}{hint}")
     for key, value in state_dict.items():
         ref = reference.get(key)
         if ref is not None and tuple(ref.shape) != tuple(value.shape):
@@ -123,7 +129,11 @@ class TaskModel(abc.ABC):
         return {k: v.detach().clone() for k, v in self.encoder.state_dict().items()}
 
     def load_encoder_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True) -> None:
-        check_state_dict_fits(self.encoder.state_dict(), state_dict, strict=strict, what=f"{self.name} encoder")
+        """Load encoder weights; a CLIP checkpoint in the other library's key
+        layout (open_clip <-> Hugging Face) is converted on the way."""
+        reference = self.encoder.state_dict()
+        state_dict = adapt_to_reference(state_dict, reference)
+        check_state_dict_fits(reference, state_dict, strict=strict, what=f"{self.name} encoder")
         self.encoder.load_state_dict(dict(state_dict), strict=strict)
 
     # -------------------------------------------------------------- heads
@@ -239,7 +249,7 @@ def register_family(name: str):
 
 
 def create_model(family: str, name: str, pretrained: str | bool | None = None, **kwargs: Any) -> TaskModel:
-    """Build a ``TaskModel`` of ``family`` ("clip" or "vit")."""
+    """Build a ``TaskModel`` of ``family`` ("clip", "hf_clip" or "vit")."""
     _ensure_families()
     factory = MODEL_FAMILIES.get(family)
     if factory is None:
@@ -260,4 +270,5 @@ def build_model(config: ModelConfig, **overrides: Any) -> TaskModel:
 def _ensure_families() -> None:
     # the family modules register themselves on import
     import cl_merge.models.clip  # noqa: F401
+    import cl_merge.models.hf_clip  # noqa: F401  (transformers is imported on first use)
     import cl_merge.models.vit  # noqa: F401

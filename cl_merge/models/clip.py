@@ -80,7 +80,8 @@ class ClipModel(TaskModel):
         fingerprint of the weights (random init, or a local file that may change)."""
         if self._weights_id is None:
             if isinstance(self.pretrained, str) and self.pretrained in _known_tags(self.name):
-                self._weights_id = f"tag:{self.pretrained}"
+                # heads built under GELU (before QuickGELU was chosen for these weights) must not be reused
+                self._weights_id = f"tag:{self.pretrained}" + (":quickgelu" if self.quick_gelu else "")
             else:
                 text_state = {k: v for k, v in self.clip.state_dict().items() if not k.startswith("visual.")}
                 self._weights_id = f"sha256:{fingerprint_tensors(text_state)}"
@@ -114,8 +115,13 @@ class ClipModel(TaskModel):
         self.clip.to(device)
         return self
 
+    @property
+    def quick_gelu(self) -> bool:
+        return uses_quick_gelu(self.clip)
+
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "init_seed": self.init_seed}
+        # named only when set, so the identity (and fine-tune config hashes) of GELU models stays as it was
+        return {**super().describe(), "init_seed": self.init_seed, **({"quick_gelu": True} if self.quick_gelu else {})}
 
 
 def _known_tags(name: str) -> list[str]:
@@ -123,6 +129,46 @@ def _known_tags(name: str) -> list[str]:
         return list(open_clip.list_pretrained_tags_by_model(name))
     except Exception:  # names open_clip resolves elsewhere (hf-hub:...)
         return []
+
+
+def needs_quick_gelu(name: str, pretrained: str | None) -> bool:
+    """Whether ``name`` + ``pretrained`` must be built with QuickGELU: the
+    OpenAI CLIP weights (and the other tags open_clip's pretrained registry
+    marks ``quick_gelu``: LAION-400M ViT-B-32, MetaCLIP, DFN, ...) were trained
+    with it, while open_clip 3.x builds e.g. ``ViT-B-32`` with GELU. A name
+    ending in ``-quickgelu`` already has it; a local weights file carries no
+    such information (pass ``force_quick_gelu=True`` for OpenAI weights)."""
+    if not isinstance(pretrained, str) or not pretrained or name.endswith("-quickgelu") or _is_hub_name(name):
+        return False
+    if pretrained not in _known_tags(name):
+        return False
+    from open_clip.pretrained import get_pretrained_cfg
+
+    return bool(get_pretrained_cfg(name, pretrained).get("quick_gelu", False))
+
+
+def uses_quick_gelu(module: nn.Module) -> bool:
+    return any(type(m).__name__ == "QuickGELU" for m in module.modules())
+
+
+def _foreign_layout_weights(path: str) -> dict[str, torch.Tensor] | None:
+    """A weights file or folder open_clip cannot read itself, converted to
+    open_clip's names: Hugging Face CLIP, task-vectors' pickled ImageEncoder.
+    None for open_clip's own layout (and anything unrecognised), which
+    open_clip loads as before."""
+    from cl_merge.core.io import open_checkpoint
+    from cl_merge.core.pickle_import import load_checkpoint_tensors
+    from cl_merge.models.clip_layouts import convert_layout, detect_layout
+
+    file = Path(path)
+    if file.is_dir() or file.suffix == ".safetensors":
+        with open_checkpoint(file) as reader:  # safetensors: keys only, nothing read yet
+            if detect_layout(reader.keys()) in ("open_clip", "unknown"):
+                return None
+    state = load_checkpoint_tensors(file)
+    if detect_layout(state) in ("open_clip", "unknown"):
+        return None
+    return convert_layout(state, "open_clip")
 
 
 def _is_hub_name(name: str) -> bool:
@@ -149,6 +195,8 @@ def create_clip(
 ) -> ClipModel:
     """Create an open_clip model; ``pretrained`` is passed to open_clip as is
     (a tag such as ``"openai"``, a local file, or ``None`` for random init).
+    A tag trained with QuickGELU (``openai``, see :func:`needs_quick_gelu`)
+    builds the QuickGELU variant unless ``force_quick_gelu`` says otherwise.
 
     ``cache_dir``: open_clip's weights cache. ``head_cache_dir``: where
     zero-shot heads are cached on disk (``"default"``: ``$CL_MERGE_CACHE_DIR``
@@ -165,18 +213,26 @@ def create_clip(
         models = open_clip.list_models()
         if name not in models:
             raise UnknownNameError(f"unknown CLIP model {name!r}{close_matches(name, models)} (see open_clip.list_models())")
-        if pretrained and not Path(pretrained).is_file():
+        if pretrained and not Path(pretrained).exists():
             tags = _known_tags(name)
             if pretrained not in tags:
                 raise UnknownNameError(
                     f"unknown pretrained tag {pretrained!r} for CLIP model {name!r} and no such file"
                     f"{close_matches(pretrained, tags)} (available: {', '.join(tags) or 'none'})"
                 )
+    foreign = _foreign_layout_weights(pretrained) if pretrained and Path(pretrained).exists() else None
+    if foreign is not None:
+        pretrained_arg, weights_file = None, pretrained  # open_clip cannot read it; loaded below
+    else:
+        pretrained_arg, weights_file = pretrained, None
+    if open_clip_kwargs.get("force_quick_gelu") is None:
+        # the weights' own activation; open_clip would otherwise build GELU and warn
+        open_clip_kwargs["force_quick_gelu"] = needs_quick_gelu(name, pretrained)
     try:
         with seeded_init(init_seed):
             clip, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
                 name,
-                pretrained=pretrained,
+                pretrained=pretrained_arg,
                 cache_dir=str(cache_dir) if cache_dir is not None else None,
                 device=device,
                 precision=precision,
@@ -196,6 +252,11 @@ def create_clip(
             f"could not download pretrained weights {pretrained!r} for CLIP model {name!r}: {_offline_reason()} "
             f"[{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}]"
         ) from None
+    if foreign is not None:
+        from cl_merge.models.base import check_state_dict_fits
+
+        check_state_dict_fits(clip.state_dict(), foreign, what=f"pretrained weights {weights_file}", source=weights_file)
+        clip.load_state_dict(foreign)
     tokenizer = open_clip.get_tokenizer(name)
     if head_cache_dir == "default":
         head_cache_dir = default_head_cache_dir()

@@ -97,6 +97,47 @@ def concat_heads(heads: Sequence[nn.Module]) -> nn.Module:
     raise ConfigError(f"cannot join heads of types {sorted({type(h).__name__ for h in heads})}")
 
 
+def fit_linear_head(features: Tensor, labels: Tensor, num_classes: int, *, weight_decay: float = 1e-3,
+                    max_iter: int = 100) -> nn.Linear:
+    """Multinomial logistic regression on fixed features (a linear probe).
+
+    Features are standardised per dimension (z = (x - mean) / std); on z,
+    mean cross-entropy + ``weight_decay``·‖W_z‖² is minimised from zero with
+    full-batch L-BFGS, and the result is folded back into a head on the raw
+    features (W = W_z / std, b = b_z - W·mean). The objective is strictly
+    convex, so the head depends on no seed or data order; standardising keeps
+    L-BFGS well conditioned whatever the feature scale."""
+    features = features.detach().float()
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    if features.ndim != 2 or len(features) != len(labels) or len(labels) == 0:
+        raise ConfigError(f"fit_linear_head needs [N, D] features and N labels, got {list(features.shape)} "
+                          f"and {len(labels)}")
+    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
+        raise ConfigError(f"labels must be in 0..{num_classes - 1}")
+    mean = features.mean(0)
+    std = features.std(0, unbiased=False).clamp_min(1e-6)
+    z = (features - mean) / std
+    probe = nn.Linear(features.shape[1], num_classes)
+    nn.init.zeros_(probe.weight)
+    nn.init.zeros_(probe.bias)
+    optimizer = torch.optim.LBFGS(probe.parameters(), lr=1.0, max_iter=max_iter, tolerance_grad=1e-7,
+                                  tolerance_change=1e-12, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(probe(z), labels) + weight_decay * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    head = nn.Linear(features.shape[1], num_classes)
+    with torch.no_grad():
+        head.weight.copy_(probe.weight / std)
+        head.bias.copy_(probe.bias - head.weight @ mean)
+    return head
+
+
 # ---------------------------------------------------------------------- building
 def check_templates(templates: Sequence[str]) -> list[str]:
     templates = list(templates)

@@ -420,12 +420,22 @@ def load_scenario(name_or_path: str | os.PathLike, overrides: Sequence[str] = ()
     return scenario_from_dict(raw, where=where, name=path.stem, source=path)
 
 
-def checkpoint_path(scenario: Scenario, stage: StageSpec) -> Path | None:
-    """A stage's checkpoint path; relative paths are relative to the scenario file's folder."""
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".json")
+
+
+def checkpoint_path(scenario: Scenario, stage: StageSpec) -> Path | str | None:
+    """A stage's checkpoint: a path (relative paths are relative to the
+    scenario file's folder), or, for model family ``hf_clip``, a Hugging Face
+    hub id (``org/name`` that is no local path), returned as the string."""
     if stage.checkpoint is None:
         return None
-    path = Path(os.path.expandvars(os.path.expanduser(stage.checkpoint)))
+    text = stage.checkpoint
+    path = Path(os.path.expandvars(os.path.expanduser(text)))
     source = getattr(scenario, "source", None)
     if not path.is_absolute() and source is not None:
         path = Path(source).parent / path
+    if (scenario.model.family == "hf_clip" and not path.exists() and _HUB_ID.match(text)
+            and not text.endswith(_CHECKPOINT_SUFFIXES)):
+        return text
     return path

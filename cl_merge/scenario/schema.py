@@ -23,7 +23,7 @@ Init = Literal["pretrained", "previous_finetuned", "previous_merged"]
 class ModelSpec:
     """Which pretrained model every stage starts from (θ0)."""
 
-    family: Literal["clip", "vit"]
+    family: Literal["clip", "hf_clip", "vit"]
     name: str
     pretrained: str | None = None  # open_clip pretrained tag / timm pretrained_cfg; None = random init
 
