@@ -1,0 +1,221 @@
+"""Continual merging strategies with a running state of their own: OPCM,
+DOP, CoFiMA, and the batch WUDI merging. Hand-computed cases, agreement
+with independent float64 re-derivations of the reference formulas, objective
+decrease, save/restore mid-sequence."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import cl_merge  # noqa: F401  (torchvision compat first)
+from cl_merge.core.io import load_state_dict, save_state_dict
+from cl_merge.errors import HyperparameterError, MergeInputError
+from cl_merge.merging import build_strategy, get_method, incremental_merger, merge
+from cl_merge.merging.opcm import leading_block_size, project_task_matrix
+
+T = torch.tensor
+
+
+def random_setup(num_tasks=4, seed=0, dtype=torch.float32, shapes=None, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    shapes = shapes or {"a.weight": (6, 5), "a.bias": (6,), "b.weight": (3, 7), "conv": (2, 3, 2, 2), "scale": ()}
+    base = {k: torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for k, s in shapes.items()}
+    base["position_ids"] = torch.arange(4)
+    tvs = [{k: (scale * torch.randn(v.shape, generator=g, dtype=torch.float64)).to(dtype)
+            for k, v in base.items() if v.is_floating_point()} for _ in range(num_tasks)]
+    fts = [{k: (base[k] + tv[k]) if k in tv else base[k] for k in base} for tv in tvs]
+    return base, tvs, fts
+
+
+def run_merger(base, tvs, method, **hp):
+    merger = incremental_merger(base, method, **hp)
+    for tv in tvs:
+        merger.update(tv)
+    return merger.current()
+
+
+# ============================================================== OPCM
+def opcm_reference(theta0, finetuned, alpha):
+    """FusionBench's OPCM (general version), re-derived step by step in
+    float64 on state dicts whose 2-D entries are all linear weights: it keeps
+    the merged *model*, recomputes its task vector each step, and rescales
+    to the running mean of the task-vector norms."""
+    keys = [k for k, v in theta0.items() if v.is_floating_point()]
+    base = {k: theta0[k].double() for k in keys}
+    tv_norm = lambda model: math.sqrt(sum(float(((model[k] - base[k]) ** 2).sum()) for k in keys))  # noqa: E731
+    merged = {k: finetuned[0][k].double() for k in keys}
+    norms = [tv_norm(merged)]
+    previous_lambda = 1.0
+    for model in finetuned[1:]:
+        model = {k: model[k].double() for k in keys}
+        norms.append(tv_norm(model))
+        average = sum(norms) / len(norms)
+        lam = 1.0
+        new = {}
+        for k in keys:
+            previous_tv = merged[k] - base[k]
+            task_tv = model[k] - base[k]
+            if previous_tv.dim() == 2:
+                u, s, vh = torch.linalg.svd(previous_tv, full_matrices=True)
+                v = vh.T
+                split = int((s.cumsum(0) / s.sum() > alpha).float().argmax())
+                projected = u.T @ task_tv @ v
+                projected.diagonal().fill_(0)
+                projected[:split, :split] = 0
+                new[k] = base[k] + (previous_lambda * previous_tv + u @ projected @ v.T) / lam
+            else:
+                new[k] = base[k] + (previous_lambda * previous_tv + task_tv) / lam
+        step_norm = tv_norm(new)
+        lam *= step_norm / average
+        merged = {k: base[k] + (new[k] - base[k]) * (average / step_norm) for k in keys}
+        previous_lambda = lam
+    return merged
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.2, 0.9])
+def test_opcm_agrees_with_reference_formulas(alpha):
+    base, tvs, fts = random_setup(num_tasks=5, seed=1)
+    ours = run_merger(base, tvs, "opcm", alpha=alpha)
+    ref = opcm_reference(base, fts, alpha)
+    for k in ref:
+        assert ours[k].dtype == base[k].dtype
+        assert torch.allclose(ours[k].double(), ref[k], atol=2e-5, rtol=0), k
+    assert torch.equal(ours["position_ids"], base["position_ids"])
+
+
+def test_opcm_float64_inputs_are_merged_in_float64():
+    base, tvs, fts = random_setup(num_tasks=4, seed=2, dtype=torch.float64)
+    ours = run_merger(base, tvs, "opcm")
+    ref = opcm_reference(base, fts, 0.5)
+    for k in ref:
+        assert ours[k].dtype == torch.float64
+        assert torch.allclose(ours[k], ref[k], atol=1e-11, rtol=0), k
+
+
+def test_opcm_merge_in_list_order_equals_incremental():
+    base, tvs, fts = random_setup(num_tasks=4, seed=3)
+    batch = merge(base, fts, method="opcm", alpha=0.4)
+    running = run_merger(base, tvs, "opcm", alpha=0.4)
+    reordered = merge(base, fts[::-1], method="opcm", alpha=0.4)
+    for k in base:
+        assert torch.allclose(batch[k], running[k], atol=1e-5, rtol=0)  # θ0 + τ rounds in float32
+    assert not torch.allclose(batch["a.weight"], reordered["a.weight"], atol=1e-4)  # order matters
+
+
+def test_opcm_first_task_is_the_finetuned_model_and_none_is_theta0():
+    base, tvs, fts = random_setup(num_tasks=1, seed=4)
+    merger = incremental_merger(base, "opcm")
+    assert all(torch.equal(merger.current()[k], base[k]) for k in base)
+    merger.update(tvs[0])
+    assert all(torch.allclose(merger.current()[k], fts[0][k], atol=1e-7) for k in base)
+
+
+def test_opcm_hand_computed_2x2():
+    # τ1 = diag(3, 1): U = V = I, s = [3, 1], cumulative share [0.75, 1] > 0.5 first at 0: r = 0;
+    # P = τ2 with its diagonal zeroed: step = τ1 + [[0, 1], [2, 0]] = [[3, 1], [2, 1]], ‖step‖ = √15;
+    # norms √10 and 5: mean m = (√10 + 5)/2; merged = step·m/√15, λ = √15/m
+    base = {"w": torch.zeros(2, 2)}
+    tau1, tau2 = T([[3.0, 0.0], [0.0, 1.0]]), T([[2.0, 1.0], [2.0, 4.0]])
+    merger = incremental_merger(base, "opcm", alpha=0.5)
+    merger.update({"w": tau1})
+    merger.update({"w": tau2})
+    mean = (math.sqrt(10) + 5) / 2
+    expected = T([[3.0, 1.0], [2.0, 1.0]]) * mean / math.sqrt(15)
+    assert torch.allclose(merger.current()["w"], expected, atol=1e-6)
+    assert merger.scalars["previous_lambda"] == pytest.approx(math.sqrt(15) / mean, rel=1e-9)
+
+
+def test_opcm_hand_computed_3x2_with_bias():
+    # τ1 = [[3,0],[0,1],[0,0]]: full U = I3, V = I2, r = 0; P = τ2 with P[0,0], P[1,1] zeroed
+    # (the third row has no diagonal entry and is kept); the bias is added as in task arithmetic
+    base = {"w": torch.ones(3, 2), "b": torch.zeros(2)}
+    tau1 = {"w": T([[3.0, 0.0], [0.0, 1.0], [0.0, 0.0]]), "b": T([0.0, 0.0])}
+    tau2 = {"w": T([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), "b": T([1.0, -1.0])}
+    out = merge(base, [{k: base[k] + t[k] for k in base} for t in (tau1, tau2)], method="opcm")
+    step_w = T([[3.0, 2.0], [3.0, 1.0], [5.0, 6.0]])
+    step_b = T([1.0, -1.0])
+    step_norm = math.sqrt(84 + 2)
+    mean = (math.sqrt(10) + math.sqrt(91 + 2)) / 2
+    assert torch.allclose(out["w"], 1 + step_w * mean / step_norm, atol=1e-5)
+    assert torch.allclose(out["b"], step_b * mean / step_norm, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha,r", [(0.3, 0), (0.5, 1), (0.8, 2), (0.95, 3)])
+def test_opcm_larger_alpha_zeroes_a_larger_leading_block(alpha, r):
+    # s = [4, 3, 2, 1]: cumulative shares 0.4, 0.7, 0.9, 1.0
+    merged = torch.diag(T([4.0, 3.0, 2.0, 1.0]))
+    assert leading_block_size(torch.linalg.svdvals(merged), alpha) == r
+    added = project_task_matrix(merged, torch.ones(4, 4), alpha)
+    zero = torch.eye(4, dtype=torch.bool)
+    zero[:r, :r] = True
+    assert torch.allclose(added[zero], torch.zeros(()), atol=1e-6)
+    assert torch.allclose(added[~zero].abs(), torch.ones(()), atol=1e-6)
+
+
+def test_opcm_block_size_grows_with_alpha_on_random_matrices():
+    s = torch.linalg.svdvals(torch.randn(12, 9, generator=torch.Generator().manual_seed(0)))
+    sizes = [leading_block_size(s, a) for a in (0.0, 0.2, 0.4, 0.6, 0.8, 0.99)]
+    assert sizes == sorted(sizes) and sizes[0] == 0 and sizes[-1] > sizes[2]
+    assert leading_block_size(torch.zeros(3), 0.5) == 0  # zero matrix: no share exceeds alpha
+
+
+def test_opcm_additive_keys_are_added_not_projected():
+    base, tvs, fts = random_setup(num_tasks=3, seed=5)
+    ours = run_merger(base, tvs, "opcm", additive_keys=["b.*"])
+    # reference: treat b.weight as non-2-D by flattening it (additive in the reference)
+    flat = lambda sd: {k: (v.reshape(-1) if k == "b.weight" else v) for k, v in sd.items()}  # noqa: E731
+    ref = opcm_reference(flat(base), [flat(f) for f in fts], 0.5)
+    assert torch.allclose(ours["b.weight"].reshape(-1).double(), ref["b.weight"], atol=2e-5)
+    assert torch.allclose(ours["a.weight"].double(), ref["a.weight"], atol=2e-5)
+
+
+def test_opcm_state_round_trip_mid_sequence(tmp_path):
+    base, tvs, _ = random_setup(num_tasks=4, seed=6)
+    straight = incremental_merger(base, "opcm", alpha=0.6)
+    for tv in tvs[:2]:
+        straight.update(tv)
+    save_state_dict(straight.state_dict(), tmp_path / "state.safetensors")
+    for tv in tvs[2:]:
+        straight.update(tv)
+    resumed = build_strategy(get_method("opcm", alpha=0.6))
+    resumed.start(base)
+    resumed.load_state_dict(load_state_dict(tmp_path / "state.safetensors"), 2)
+    for tv in tvs[2:]:
+        resumed.update(tv)
+    for k in base:
+        assert torch.equal(resumed.current()[k], straight.current()[k]), k
+    with pytest.raises(MergeInputError, match="holds 2 task"):
+        resumed.load_state_dict(load_state_dict(tmp_path / "state.safetensors"), 3)
+
+
+def test_opcm_memory_is_one_merged_task_vector():
+    base, tvs, _ = random_setup(num_tasks=6, seed=7)
+    merger = incremental_merger(base, "opcm")
+    for tv in tvs:
+        merger.update(tv)
+        state = merger.state_dict()
+        tensors = [v for k, v in state.items() if not k.startswith("scalar/")]
+        assert sum(t.numel() for t in tensors) == sum(v.numel() for v in base.values() if v.is_floating_point())
+
+
+def test_opcm_validation_and_overrides():
+    with pytest.raises(HyperparameterError, match="alpha"):
+        get_method("opcm", alpha=1.5)
+    base, tvs, _ = random_setup(num_tasks=2, seed=8)
+    merger = incremental_merger(base, "opcm")
+    merger.update(tvs[0])
+    with pytest.raises(HyperparameterError, match="alpha"):
+        merger.current(alpha=0.2)
+    bad = dict(tvs[1])
+    bad["a.weight"] = torch.zeros(2, 2)
+    with pytest.raises(MergeInputError, match="shape mismatch for 'a.weight'"):
+        merger.update(bad)
+    nan = dict(tvs[1])
+    nan["a.bias"] = torch.full((6,), float("nan"))
+    with pytest.raises(MergeInputError, match="NaN"):
+        merger.update(nan)
+    merger.update(tvs[1])  # the rejected inputs left the state intact
+    clean = run_merger(base, tvs, "opcm")
+    assert all(torch.equal(merger.current()[k], clean[k]) for k in base)
