@@ -374,3 +374,159 @@ def test_wudi_reduces_its_objective_and_merges_other_entries():
     assert all(torch.allclose(single[k], fts[0][k], atol=1e-6) for k in base)
     with pytest.raises(HyperparameterError, match="other_entries"):
         get_method("wudi", other_entries="max")
+
+
+# ============================================================== CoFiMA and the diagonal Fisher
+from cl_merge.merging import MergeContext, TaskInput  # noqa: E402
+from cl_merge.merging._fisher_stats import diagonal_fisher  # noqa: E402
+from cl_merge.merging.cofima import fisher_weighted_step  # noqa: E402
+
+
+class TinyClassifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+        self.unused = nn.Linear(2, 2)  # gets no gradient: zero Fisher
+        self.register_buffer("offset", torch.zeros(3))
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x))) + self.offset
+
+
+def tiny_setup(num_tasks=3, seed=0, rows=6, num_batches=3):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = TinyClassifier()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    tvs = [{k: 0.3 * torch.randn(v.shape, generator=g) for k, v in base.items()} for _ in range(num_tasks)]
+    data = [[torch.randn(rows, 4, generator=g) for _ in range(num_batches)] for _ in range(num_tasks)]
+    labels = [[torch.randint(0, 3, (rows,), generator=g) for _ in range(num_batches)] for _ in range(num_tasks)]
+    return model, base, tvs, data, labels
+
+
+def autograd_fisher(model, weights, batches, labels=None, reduction="mean"):
+    """Independent computation: load the weights into a copy of the module and backpropagate per batch."""
+    import copy
+
+    m = copy.deepcopy(model)
+    m.load_state_dict(weights)
+    total = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    rows = 0
+    for i, x in enumerate(batches):
+        m.zero_grad()
+        logits = m(x)
+        if labels is None:
+            p = torch.softmax(logits, -1).detach()
+            objective = (p.sqrt() * torch.log_softmax(logits, -1)).sum()
+            objective = objective / x.shape[0] if reduction == "mean" else objective
+        else:
+            objective = nn.functional.cross_entropy(logits, labels[i], reduction=reduction)
+        objective.backward()
+        for n, p in m.named_parameters():
+            if p.grad is not None:
+                total[n] += p.grad ** 2
+        rows += x.shape[0]
+    scale = 1 / (len(batches) if reduction == "mean" else rows)
+    return {n: t * scale for n, t in total.items()}
+
+
+@pytest.mark.parametrize("with_labels,reduction", [(True, "mean"), (False, "sum"), (True, "sum")])
+def test_diagonal_fisher_matches_autograd_on_the_module(with_labels, reduction):
+    model, base, tvs, data, labels = tiny_setup()
+    weights = {k: base[k] + tvs[0][k] for k in base}
+    ours = diagonal_fisher(MergeContext(module=model), weights, data[0], None,
+                           labels=labels[0] if with_labels else None, reduction=reduction)
+    ref = autograd_fisher(model, weights, data[0], labels[0] if with_labels else None, reduction)
+    for name, value in ref.items():
+        assert torch.allclose(ours[name], value, atol=1e-9, rtol=1e-5), name
+    assert torch.equal(ours["unused.weight"], torch.zeros(2, 2))
+    assert torch.equal(ours["offset"], torch.zeros(3))  # a buffer in the forward pass with no parameter role
+    assert all(torch.equal(model.state_dict()[k], base[k]) for k in base)  # the module's own values untouched
+
+
+def test_diagonal_fisher_counts_examples_before_each_batch():
+    model, base, tvs, data, labels = tiny_setup(rows=4)
+    weights = {k: base[k] + tvs[0][k] for k in base}
+    # 5 examples asked: batches of 4 rows, the second batch starts below 5 and is used, the third is not
+    limited = diagonal_fisher(MergeContext(module=model), weights, data[0], 5, labels=labels[0], reduction="mean")
+    ref = autograd_fisher(model, weights, data[0][:2], labels[0][:2])
+    assert torch.allclose(limited["body.weight"], ref["body.weight"], atol=1e-9, rtol=1e-5)
+    with pytest.raises(MergeInputError, match="no calibration batch"):
+        diagonal_fisher(MergeContext(module=model), weights, [], None)
+
+
+def test_fisher_weighted_step_by_hand():
+    merged, task = T([1.0, 2.0, 3.0]), T([3.0, 0.0, 1.0])
+    fm, ft = T([1.0, 0.0, 0.0]), T([1.0, 2.0, 0.0])
+    out = fisher_weighted_step(merged, task, fm, ft, alpha=0.4)
+    # entry 0: (0.6·1·1 + 0.4·1·3)/(0.6 + 0.4) = 1.8; entry 1: only the task has Fisher: 0;
+    # entry 2: no Fisher: plain average 0.6·3 + 0.4·1 = 2.2
+    assert torch.allclose(out, T([1.8, 0.0, 2.2]))
+
+
+def cofima_run(model, base, tvs, data, labels, upto=None, **hp):
+    strategy = build_strategy(get_method("cofima", **hp))
+    strategy.start(base, MergeContext(module=model))
+    for i, tv in enumerate(tvs[:upto]):
+        strategy.absorb(TaskInput(i, tv, batches=data[i], labels=labels[i]))
+    return strategy
+
+
+@pytest.mark.parametrize("previous_fisher", ["finetuned", "merged"])
+def test_cofima_follows_the_formula(previous_fisher):
+    model, base, tvs, data, labels = tiny_setup()
+    alpha, clip = 0.4, 0.05
+    strategy = cofima_run(model, base, tvs, data, labels, alpha=alpha, fisher_max=clip,
+                          previous_fisher=previous_fisher)
+    weights = lambda tv: {k: base[k] + tv[k] for k in base}  # noqa: E731
+    fisher = lambda w, i: {k: v.clamp(max=clip) for k, v in autograd_fisher(model, w, data[i], labels[i]).items()}  # noqa: E731
+    merged = dict(tvs[0])
+    previous = fisher(weights(tvs[0]), 0)
+    for i in (1, 2):
+        current = fisher(weights(tvs[i]), i)
+        new = {}
+        for k in merged:
+            fm, ft = previous.get(k, torch.zeros_like(merged[k])), current.get(k, torch.zeros_like(merged[k]))
+            den = (1 - alpha) * fm + alpha * ft
+            plain = (1 - alpha) * merged[k] + alpha * tvs[i][k]
+            new[k] = torch.where(den > 0, ((1 - alpha) * fm * merged[k] + alpha * ft * tvs[i][k]) / den, plain)
+        merged = new
+        previous = current if previous_fisher == "finetuned" else fisher(weights(merged), i)
+    out = strategy.current()
+    for k in base:
+        assert torch.allclose(out[k], base[k] + merged[k], atol=1e-5), k
+    assert any(float(v.max()) == pytest.approx(clip) for v in previous.values())  # the clip is active
+
+
+def test_cofima_state_round_trip_and_needs():
+    model, base, tvs, data, labels = tiny_setup()
+    straight = cofima_run(model, base, tvs, data, labels)
+    half = cofima_run(model, base, tvs, data, labels, upto=2)
+    resumed = build_strategy(get_method("cofima"))
+    resumed.start(base, MergeContext(module=model))
+    resumed.load_state_dict({k: v.clone() for k, v in half.state_dict().items()}, 2)
+    resumed.absorb(TaskInput(2, tvs[2], batches=data[2], labels=labels[2]))
+    assert all(torch.equal(resumed.current()[k], straight.current()[k]) for k in base)
+    assert "fisher/body.weight" in half.state_dict()
+    with pytest.raises(MergeInputError, match="needs a model"):
+        build_strategy(get_method("cofima")).start(base)
+    no_data = build_strategy(get_method("cofima"))
+    no_data.start(base, MergeContext(module=model))
+    with pytest.raises(MergeInputError, match="needs calibration data"):
+        no_data.absorb(TaskInput(0, tvs[0]))
+    with pytest.raises(MergeInputError, match="no labels"):
+        no_data.absorb(TaskInput(0, tvs[0], batches=data[0]))
+
+
+def test_cofima_through_merge_with_the_expected_fisher():
+    model, base, tvs, data, _ = tiny_setup(num_tasks=2)
+    fts = [{k: base[k] + tv[k] for k in base} for tv in tvs]
+    out = merge(base, fts, method="cofima", fisher="expected", model=model, data=data[:2])
+    assert all(out[k].shape == base[k].shape for k in base)
+    # between the two models entry-wise (a convex combination)
+    lo, hi = torch.minimum(fts[0]["body.weight"], fts[1]["body.weight"]), torch.maximum(fts[0]["body.weight"],
+                                                                                       fts[1]["body.weight"])
+    assert bool(((out["body.weight"] >= lo - 1e-6) & (out["body.weight"] <= hi + 1e-6)).all())
+    with pytest.raises(HyperparameterError, match="previous_fisher"):
+        get_method("cofima", previous_fisher="cumulative")

@@ -79,11 +79,18 @@ class RunningMergeStrategy(MergeStrategy):
                                   "inconsistent: start() again or restore a saved state")
         if self.pretrained is not None:
             self.check_task_vector(task)
+        super().absorb(task)
+
+    def _absorb(self, task: TaskInput) -> None:
         try:
-            super().absorb(task)
-        except MergeInputError:
+            self._step(task)
+        except Exception:
             self._failed = True
             raise
+
+    def _step(self, task: TaskInput) -> None:
+        """Fold one task into the running state (subclasses)."""
+        raise NotImplementedError
 
     def check_task_vector(self, task: TaskInput) -> None:
         """Shapes (and, for in-memory task vectors, NaN/Inf) of every entry

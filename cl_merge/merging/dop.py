@@ -186,7 +186,7 @@ class DOP(MergeMethod):
 class DOPStrategy(RunningMergeStrategy):
     """The running DOP merge: τ_m, updated one task vector at a time."""
 
-    def _absorb(self, task: TaskInput) -> None:
+    def _step(self, task: TaskInput) -> None:
         method: DOP = self.method
         first = self.num_absorbed == 0
         for key in self.keys:

@@ -115,7 +115,7 @@ class OPCMStrategy(RunningMergeStrategy):
         super()._start()
         self.scalars = {"previous_lambda": 1.0, "norm_sum": 0.0}
 
-    def _absorb(self, task: TaskInput) -> None:
+    def _step(self, task: TaskInput) -> None:
         method: OPCM = self.method
         if self.num_absorbed == 0:
             self.merged = {key: self.read(task, key) for key in self.keys}
