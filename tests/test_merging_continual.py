@@ -154,6 +154,19 @@ def test_opcm_larger_alpha_zeroes_a_larger_leading_block(alpha, r):
     assert torch.allclose(added[~zero].abs(), torch.ones(()), atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(7, 4), (4, 7), (5, 5)])
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 0.9])
+def test_opcm_thin_projection_equals_the_full_basis_formula(shape, alpha):
+    g = torch.Generator().manual_seed(sum(shape))
+    merged, task = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
+    u, s, vh = torch.linalg.svd(merged, full_matrices=True)
+    p = u.T @ task @ vh.T
+    p.diagonal().zero_()
+    r = leading_block_size(s, alpha)
+    p[:r, :r] = 0
+    assert torch.allclose(project_task_matrix(merged, task, alpha), u @ p @ vh, atol=1e-12)
+
+
 def test_opcm_block_size_grows_with_alpha_on_random_matrices():
     s = torch.linalg.svdvals(torch.randn(12, 9, generator=torch.Generator().manual_seed(0)))
     sizes = [leading_block_size(s, a) for a in (0.0, 0.2, 0.4, 0.6, 0.8, 0.99)]

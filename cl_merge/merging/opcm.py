@@ -30,13 +30,21 @@ def leading_block_size(singular_values: Tensor, alpha: float) -> int:
 def project_task_matrix(merged: Tensor, task: Tensor, alpha: float) -> Tensor:
     """The part of ``task`` OPCM adds for one 2-D entry: with the full SVD
     merged = U S Vᵀ, P = Uᵀ·task·V with P's diagonal and its leading r×r
-    block zeroed, returned as U P Vᵀ."""
-    u, s, vh = torch.linalg.svd(merged, full_matrices=True)
+    block zeroed, returned as U P Vᵀ.
+
+    Computed without the full bases: U P Vᵀ = task − (what was zeroed), and
+    every zeroed entry of P lies in its leading k×k corner (k = min(m, n)),
+    which only the thin SVD's k singular vectors reach:
+    task − U_r C_rr V_rᵀ − Σ_{r<=i<k} C_ii u_i v_iᵀ with C = U_kᵀ·task·V_k.
+    The same matrix (U, V orthogonal), at a fraction of the cost for
+    non-square weights (no m×m or n×n basis)."""
+    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
     r = leading_block_size(s, alpha)
-    p = u.T @ task @ vh.T
-    p.diagonal().zero_()
-    p[:r, :r] = 0
-    return u @ p @ vh
+    corner = u.T @ task @ vh.T  # C, [k, k]
+    removed = (u[:, r:] * corner.diagonal()[r:]) @ vh[r:]
+    if r:
+        removed += u[:, :r] @ corner[:r, :r] @ vh[:r]
+    return task - removed
 
 
 # ----------------------------------------------------------------- the strategy
