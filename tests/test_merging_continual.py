@@ -543,3 +543,12 @@ def test_cofima_through_merge_with_the_expected_fisher():
     assert bool(((out["body.weight"] >= lo - 1e-6) & (out["body.weight"] <= hi + 1e-6)).all())
     with pytest.raises(HyperparameterError, match="previous_fisher"):
         get_method("cofima", previous_fisher="cumulative")
+
+
+def test_sequential_methods_refuse_the_per_entry_engine_with_a_clear_error():
+    from cl_merge.merging import run_merge
+
+    base, _, fts = random_setup(num_tasks=2, seed=12)
+    for name in ("opcm", "dop", "cofima"):
+        with pytest.raises(MergeInputError, match="one at a time"):
+            run_merge(get_method(name), base, fts)
