@@ -30,12 +30,13 @@ def compute_dtype_of(tensor: Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def read_entry(task_vector: Any, key: str, like: Tensor, index: int) -> Tensor:
+def read_entry(task_vector: Any, key: str, like: Tensor, index: int, present: bool | None = None) -> Tensor:
     """Entry ``key`` of a task vector as a fresh tensor in ``like``'s compute
     dtype. A float entry the task vector lacks is a zero delta (it was left
     out when the task vector was made, as the merge engine treats it)."""
     dtype = compute_dtype_of(like)
-    present = key in task_vector if isinstance(task_vector, Mapping) else key in set(task_vector.keys())
+    if present is None:
+        present = key in task_vector if isinstance(task_vector, Mapping) else key in set(task_vector.keys())
     if not present:
         return torch.zeros(like.shape, dtype=dtype)
     value = task_vector[key] if isinstance(task_vector, Mapping) else task_vector.get(key)
@@ -104,15 +105,17 @@ class RunningMergeStrategy(MergeStrategy):
         before any state changes, so a bad input leaves the state intact."""
         tv = task.task_vector
         in_memory = isinstance(tv, Mapping)
+        if not in_memory and not (hasattr(tv, "keys") and hasattr(tv, "get")):
+            raise MergeInputError(f"task vector {task.index} must be a state dict (mapping of name to tensor), "
+                                  f"got {type(tv).__name__}")
+        self._present = set(tv.keys())
         for key in self.keys:
+            if key not in self._present:
+                continue
             if in_memory:
-                if key not in tv:
-                    continue
                 value = tv[key]
                 shape = tuple(value.shape) if isinstance(value, Tensor) else None
             else:
-                if key not in set(tv.keys()):
-                    continue
                 shape = tuple(tv.shape(key)) if hasattr(tv, "shape") else None
                 value = None
             if shape is not None and shape != tuple(self.pretrained[key].shape):
@@ -122,7 +125,9 @@ class RunningMergeStrategy(MergeStrategy):
                 check_finite(key, value, f"task vector {task.index}")
 
     def read(self, task: TaskInput, key: str) -> Tensor:
-        return read_entry(task.task_vector, key, self.pretrained[key], task.index)
+        present = getattr(self, "_present", None)
+        return read_entry(task.task_vector, key, self.pretrained[key], task.index,
+                          None if present is None else key in present)
 
     def update_finetuned(self, finetuned: Mapping[str, Tensor]) -> None:
         """Absorb one fine-tuned model (its task vector is computed here)."""
