@@ -55,6 +55,9 @@ class CoFiMA(MergeMethod):
     ``fisher_max`` (their ``fishermax`` 1e-4; ``None``: no clip).
     ``fisher="expected"`` draws the labels from the model's prediction
     instead (needs no labels, e.g. through ``cl_merge.merge(data=...)``).
+    The module runs in the mode its owner left it in (the authors compute the
+    Fisher in train mode, dropout on; the runner's encoders are in eval mode,
+    which makes the Fisher deterministic).
 
     F_{t−1}: ``previous_fisher="finetuned"`` (default, the authors' code):
     the Fisher of the previous task's fine-tuned model on its own data,
