@@ -24,6 +24,7 @@ which keeps every task vector) grows. DOP runs one Adam step per matrix
 here (its memory does not depend on the number of steps).
 
     python scripts/bench_continual.py accuracy --orders 3
+    python scripts/bench_continual.py accuracy --run runs/bench_small --set train.max_steps=30
     python scripts/bench_continual.py memory --layers 2 --stages 20
     python scripts/bench_continual.py all --json results.json
 """
@@ -83,7 +84,7 @@ def run_accuracy(args) -> dict:
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     _quiet_lightning()
-    scenario = load_scenario(args.scenario)
+    scenario = load_scenario(args.scenario, overrides=args.set)
     options = RunOptions(out_dir=Path(args.run), data_root=args.data_root, wandb_mode="disabled", progress=False,
                          log=lambda msg: print(msg, flush=True))
     root, top, pretrained, model = _setup(scenario, options)
@@ -208,6 +209,8 @@ def main(argv=None) -> int:
     parser.add_argument("what", choices=["accuracy", "memory", "all"])
     parser.add_argument("--scenario", default="offline_default")
     parser.add_argument("--run", default="runs/offline_default", help="run folder holding (or receiving) the fine-tunes")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="scenario override, e.g. train.max_steps=30 (a new fingerprint: a new run folder)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--orders", type=int, default=3)
     parser.add_argument("--calibration", type=int, default=256, help="CoFiMA: labeled train examples per task")

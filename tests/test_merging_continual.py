@@ -203,6 +203,20 @@ def test_opcm_state_round_trip_mid_sequence(tmp_path):
         resumed.load_state_dict(load_state_dict(tmp_path / "state.safetensors"), 3)
 
 
+def test_opcm_reads_lazy_task_vectors_from_files(tmp_path):
+    from cl_merge.core.io import CheckpointReader
+
+    base, tvs, _ = random_setup(num_tasks=3, seed=13)
+    readers = []
+    for i, tv in enumerate(tvs):
+        partial = {k: v for k, v in tv.items() if k != "scale"}  # a float entry left out: a zero delta
+        readers.append(CheckpointReader(save_state_dict(partial, tmp_path / f"tv{i}.safetensors")))
+    lazy = run_merger(base, readers, "opcm")
+    in_memory = run_merger(base, [{k: v for k, v in tv.items() if k != "scale"} for tv in tvs], "opcm")
+    assert all(torch.equal(lazy[k], in_memory[k]) for k in base)
+    assert torch.equal(lazy["scale"], base["scale"])
+
+
 def test_opcm_memory_is_one_merged_task_vector():
     base, tvs, _ = random_setup(num_tasks=6, seed=7)
     merger = incremental_merger(base, "opcm")
