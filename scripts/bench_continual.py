@@ -82,7 +82,7 @@ def run_accuracy(args) -> dict:
     from cl_merge.scenario.orders import seeded_permutation
     from cl_merge.core.task_vector import TaskVector
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
     _quiet_lightning()
     scenario = load_scenario(args.scenario, overrides=args.set)
     options = RunOptions(out_dir=Path(args.run), data_root=args.data_root, wandb_mode="disabled", progress=False,
@@ -146,14 +146,14 @@ def _mean_std(values) -> str:
 
 
 # ----------------------------------------------------------------- memory (worker)
-def memory_worker(method: str, hp: dict, layers: int, stages: int, seed: int = 0) -> dict:
+def memory_worker(method: str, hp: dict, layers: int, stages: int, threads: int, seed: int = 0) -> dict:
     import torch
 
     import cl_merge  # noqa: F401
     from bench_merge import _status_kb, vit_visual_shapes
     from cl_merge.merging import build_strategy, get_method
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(seed)
     theta0 = {k: 0.02 * torch.randn(s, generator=gen) for k, s in vit_visual_shapes(768, layers).items()}
     strategy = build_strategy(get_method(method, **hp), continual=True)
@@ -185,7 +185,8 @@ def run_memory(args) -> dict:
     for label, method, hp in MEMORY_METHODS:
         if args.methods and method not in args.methods:
             continue
-        cmd = [sys.executable, __file__, "_memory_worker", method, json.dumps(hp), str(args.layers), str(args.stages)]
+        cmd = [sys.executable, __file__, "_memory_worker", method, json.dumps(hp), str(args.layers), str(args.stages),
+               str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
         if proc.returncode != 0:
             print(f"{label}: failed\n{proc.stderr[-2000:]}", flush=True)
@@ -202,8 +203,8 @@ def run_memory(args) -> dict:
 
 def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_memory_worker":
-        _, _, method, hp, layers, stages = sys.argv
-        print(json.dumps(memory_worker(method, json.loads(hp), int(layers), int(stages))))
+        _, _, method, hp, layers, stages, threads = sys.argv
+        print(json.dumps(memory_worker(method, json.loads(hp), int(layers), int(stages), int(threads))))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["accuracy", "memory", "all"])
@@ -217,6 +218,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=2, help="memory: ViT-B/32 blocks (12 = the full tower)")
     parser.add_argument("--stages", type=int, default=20)
     parser.add_argument("--methods", type=lambda s: s.split(","), default=None, help="registry names to run")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 on a shared machine: more spin against each other when oversubscribed)")
     parser.add_argument("--json", type=Path, default=None, help="write all numbers here")
     args = parser.parse_args(argv)
     report = {}
