@@ -49,6 +49,17 @@ def get_method(name: str, **hparams) -> MergeMethod:
         raise HyperparameterError(f"{name}: {exc}") from None
 
 
+def _is_incremental(cls: type[MergeMethod]) -> bool:
+    """Memory independent of the number of tasks: the lifecycle strategy's
+    flag for methods that build their own (OPCM, DOP, CoFiMA), else the
+    incremental hooks of the default settings."""
+    method = cls()
+    create = getattr(method, "create_strategy", None)
+    if create is not None:
+        return bool(create(key_filter=None, device=None).incremental)
+    return method.supports_incremental() if cls.incremental else False
+
+
 def describe_methods() -> list[dict]:
     rows = []
     for name in available_methods():
@@ -56,7 +67,7 @@ def describe_methods() -> list[dict]:
         rows.append({
             "name": name,
             "reference": cls.reference,
-            "incremental": cls().supports_incremental() if cls.incremental else False,
+            "incremental": _is_incremental(cls),
             "hparams": {f.name: f.default for f in dataclasses.fields(cls)},
             "summary": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else "",
         })
