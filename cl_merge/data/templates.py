@@ -227,20 +227,16 @@ IMAGENET = (
 FASHION_MNIST = (
     'a photo of a {}.',
     'a photo of the {}.',
-    'a black and white photo of a {}.',
-    'a low resolution photo of a {}.',
 )
 
 
 EMNIST_LETTERS = (
-    'a photo of the letter: "{}".',
-    'a handwritten letter "{}".',
+    'a photo of the digit character: "{}".',
 )
 
 
 KMNIST = (
-    'a photo of the character: "{}".',
-    'a handwritten japanese character "{}".',
+    'a photo of the character {}.',
 )
 
 
