@@ -272,16 +272,66 @@ def _array_tv(tv_class: str, split_args: dict[str, dict], to_arrays: Callable, *
     return load
 
 
+def _svhn(subdir: str | None) -> Callable:
+    """SVHN's ``{train,test}_32x32.mat`` read with scipy (torchvision's reader
+    refuses files whose md5 differs from the original, e.g. re-saved copies)."""
+
+    def load(info: DatasetInfo, root: Path, download: bool) -> Splits:
+        base = root / subdir if subdir else root
+        if download and not all((base / f"{s}_32x32.mat").is_file() for s in ("train", "test")):
+            import torchvision.datasets as tvd
+
+            for split in ("train", "test"):
+                _torchvision_download(info, lambda split=split: tvd.SVHN(str(base), split=split, download=True))
+        from scipy.io import loadmat
+
+        out = {}
+        for split in ("train", "test"):
+            path = base / f"{split}_32x32.mat"
+            try:
+                mat = loadmat(str(path))
+                images, labels = np.asarray(mat["X"], dtype=np.uint8), np.asarray(mat["y"], dtype=np.int64).reshape(-1)
+            except (OSError, ValueError, KeyError) as exc:
+                raise DataError(f"{path}: not an SVHN .mat file with X and y ({type(exc).__name__}: {exc})") from None
+            if images.ndim != 4 or images.shape[:3] != (32, 32, 3) or images.shape[3] != len(labels):
+                raise DataError(f"{path}: expected X of shape (32, 32, 3, N) matching y, got {images.shape}")
+            # the digit 0 is stored as label 10
+            out[split] = ArrayImageDataset(np.ascontiguousarray(images.transpose(3, 0, 1, 2)), labels % 10)
+        return out
+
+    return load
+
+
+def _fer2013(info: DatasetInfo, root: Path, download: bool) -> Splits:
+    """``fer2013/fer2013.csv`` (or ``icml_face_data.csv``): Training rows train,
+    PublicTest + PrivateTest rows test (7,178 images, as torchvision and CLIP's benchmark)."""
+    import csv
+
+    folder = root / "fer2013"
+    path = next((folder / n for n in ("fer2013.csv", "icml_face_data.csv") if (folder / n).is_file()), None)
+    if path is None:
+        raise _missing(info, root, ["fer2013/fer2013.csv or fer2013/icml_face_data.csv"])
+    images = {"train": [], "test": []}
+    labels = {"train": [], "test": []}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
+        missing = {"emotion", "pixels", "Usage"} - set(reader.fieldnames)
+        if missing:
+            raise DataError(f"{path}: not a FER2013 csv (missing columns {', '.join(sorted(missing))})")
+        for row in reader:
+            split = "train" if row["Usage"].strip() == "Training" else "test"
+            pixels = np.asarray(row["pixels"].split(), dtype=np.uint8)
+            if pixels.size != 48 * 48:
+                raise DataError(f"{path}: row {reader.line_num} has {pixels.size} pixels, not 48x48")
+            images[split].append(pixels.reshape(48, 48))
+            labels[split].append(int(row["emotion"]))
+    return {s: ArrayImageDataset(np.stack(images[s]) if images[s] else np.zeros((0, 48, 48), np.uint8), labels[s])
+            for s in ("train", "test")}
+
+
 def _chw(info, ds):
     return np.ascontiguousarray(np.asarray(ds.data, dtype=np.uint8).transpose(0, 2, 3, 1)), np.asarray(ds.labels)
-
-
-def _fer_arrays(info, ds):
-    images = np.stack([np.asarray(t, dtype=np.uint8) for t, _ in ds._samples])
-    labels = [t for _, t in ds._samples]
-    if any(t is None for t in labels):
-        raise DataError("fer2013: the test split has no labels with train.csv/test.csv; use fer2013.csv or icml_face_data.csv")
-    return images, np.asarray(labels)
 
 
 # --------------------------------------------------------------------- folder datasets
@@ -520,17 +570,14 @@ LAYOUTS: dict[str, dict[str, Layout]] = {
                                     _cifar("cifar-100-python", ["train"], ["test"], "fine_labels", "CIFAR100"))},
     "svhn": {
         "task_vectors": Layout("task_vectors", _paths_needed("svhn/train_32x32.mat", "svhn/test_32x32.mat"),
-                               _array_tv("SVHN", {"train": {"split": "train"}, "test": {"split": "test"}}, _chw,
-                                         subdir="svhn"), _TVEC),
-        "torchvision": _tv(_paths_needed("train_32x32.mat", "test_32x32.mat"),
-                           _array_tv("SVHN", {"train": {"split": "train"}, "test": {"split": "test"}}, _chw)),
+                               _svhn("svhn"), _TVEC),
+        "torchvision": _tv(_paths_needed("train_32x32.mat", "test_32x32.mat"), _svhn(None)),
     },
     "stl10": {"torchvision": _tv(_paths_needed("stl10_binary"),
                                  _array_tv("STL10", {"train": {"split": "train"}, "test": {"split": "test"}}, _chw))},
     # torchvision's FER2013 has no download argument (Kaggle needs an account)
     "fer2013": {"torchvision": _tv(_paths_needed(("fer2013/fer2013.csv", "fer2013/icml_face_data.csv")),
-                                   _array_tv("FER2013", {"train": {"split": "train"}, "test": {"split": "test"}},
-                                             _fer_arrays, can_download=False), can_download=False)},
+                                   _fer2013, can_download=False)},
     # torchvision's StanfordCars download raises (the original URL is gone), even when the files are there
     "stanford_cars": {"torchvision": _tv(
         _paths_needed("stanford_cars/devkit", "stanford_cars/cars_train", "stanford_cars/cars_test",

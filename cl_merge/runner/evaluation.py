@@ -33,6 +33,7 @@ def stage_task_spec(stage, scenario) -> TaskSpec:
         max_train=scenario.train.max_train,
         max_test=scenario.eval.max_test,
         max_val=scenario.eval.max_test,
+        layout=getattr(stage, "layout", None),
     )
 
 
