@@ -1,11 +1,13 @@
 """Class names, in each dataset's label order.
 
-Names are the CLIP paper's prompt class names (the ones the task-vector line of
-work uses) for the datasets the paper covers; each tuple is in the label order
-of the loader in :mod:`cl_merge.data.sources` (torchvision's where it has one).
-CLIP lists EuroSAT in a different order than torchvision's folder order, so it
-is written out here in folder order. Datasets the CLIP paper did not cover use
-the names of the dataset's own documentation.
+Names are the ones the published protocols prompt with: the CLIP paper's class
+names (which task vectors and FusionBench use) for the datasets the paper
+covers, FusionBench's for the TALL14/20 datasets it did not (EMNIST letters,
+KMNIST, Fashion-MNIST, Oxford-IIIT Pet, Flowers102), and CIFAR100's own
+fine-label names. Each tuple is in the label order of the registry (torchvision's
+where it has one; sources whose labels are ordered differently, e.g. FER2013 on
+the hub, are relabelled by name). CLIP lists EuroSAT in a different order than
+torchvision's folder order, so it is written out here in folder order.
 """
 
 CIFAR10 = (

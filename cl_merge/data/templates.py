@@ -1,9 +1,10 @@
 """Prompt templates: format strings with one ``{}`` for the class name.
 
-For the datasets of the CLIP paper these are its per-dataset templates; ImageNet-R
-uses the paper's 80 ImageNet templates. SVHN and digits use the MNIST template;
-Fashion-MNIST, EMNIST, KMNIST and Animal-MNIST, which the paper did not cover,
-get short templates in the same style.
+For the datasets of the CLIP paper these are its per-dataset templates (as task
+vectors and FusionBench use them); ImageNet-R uses the paper's 80 ImageNet
+templates. SVHN and digits use the MNIST template. Fashion-MNIST, EMNIST letters
+and KMNIST use FusionBench's templates; Animal-MNIST (offline only) short ones
+in the same style.
 """
 
 CIFAR = (
