@@ -348,3 +348,29 @@ def test_scenario_accepts_a_user_dataset_mapping(tmp_path):
     (tmp_path / "bad3.yaml").write_text(text.replace("layout: package", "layout: hf"))
     with pytest.raises(ConfigError, match=r"stages\[2\]\.layout: 'digits' has no layout 'hf'"):
         load_scenario(tmp_path / "bad3.yaml")
+
+
+def test_user_folder_and_hf_tasks_through_cl_merge_run(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    from cl_merge.cli import main
+
+    monkeypatch.setenv("CL_MERGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    folder = _folder_task(tmp_path / "data" / "shapes")
+    _hf_copy(tmp_path / "data" / "dots", {"train": ([0, 1] * 6, ["dot", "ring"]), "test": ([0, 1] * 2, ["dot", "ring"])})
+    scenario = {
+        "setting": "task_incremental", "model": {"family": "clip", "name": "clmerge-tiny-clip", "pretrained": None},
+        "stages": [{"dataset": {"folder": "shapes"}}, {"dataset": {"hf": "dots"}}],
+        "merge": "task_arithmetic", "baselines": {"zero_shot": True, "individual": False},
+        "train": {"lr": 1.0e-3, "max_steps": 2, "batch_size": 4, "warmup_steps": 1}, "eval": {"batch_size": 8},
+    }
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump(scenario))
+    rc = main(["run", str(tmp_path / "mine.yaml"), "--out", str(tmp_path / "run"), "--data-root",
+               str(tmp_path / "data"), "--no-progress", "--wandb", "disabled"])
+    assert rc in (0, None)
+    body = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    per_task = {r["name"]: r["per_task"] for r in body["results"]}
+    assert folder.name == "shapes" and set(per_task["zero_shot"]) >= {"shapes", "dots"}
