@@ -15,7 +15,10 @@ in a fresh process:
 
 Peak memory is the largest sum of the resident sets (VmRSS) of the process and
 all its DataLoader workers, sampled every 50 ms (an upper bound: pages shared
-between workers count once per process).
+between workers count once per process), and the same sum of their private
+(anonymous) resident memory, RssAnon: VmRSS also counts the pages of
+memory-mapped files (the Arrow files of a Hugging Face dataset), which the
+kernel drops under memory pressure.
 
     python scripts/bench_data.py --sizes 10000 50000 --workers 2 --out /tmp/bench_data
 
@@ -47,15 +50,21 @@ BENCH_CONFIG = {
 
 
 # --------------------------------------------------------------------- memory
-def _rss_kib(pid: int) -> int:
+def _rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) of ``pid`` in KiB: all resident pages, and the private
+    (anonymous) ones; the difference is file-backed pages such as memory-mapped
+    Arrow files, which the kernel can drop at any time."""
+    rss = anon = 0
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
+                    rss = int(line.split()[1])
+                elif line.startswith("RssAnon:"):
+                    anon = int(line.split()[1])
     except OSError:
         pass
-    return 0
+    return rss, anon
 
 
 def _descendants(pid: int) -> list[int]:
@@ -81,13 +90,14 @@ class PeakRSS:
     """Largest RSS of this process plus its descendants, sampled in a thread."""
 
     def __init__(self, interval: float = 0.05):
-        self.interval, self.peak_kib, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak_kib, self.peak_anon_kib, self._stop = interval, 0, 0, threading.Event()
 
     def _run(self):
         pid = os.getpid()
         while not self._stop.is_set():
-            total = _rss_kib(pid) + sum(_rss_kib(c) for c in _descendants(pid))
-            self.peak_kib = max(self.peak_kib, total)
+            samples = [_rss_kib(p) for p in [pid, *_descendants(pid)]]
+            self.peak_kib = max(self.peak_kib, sum(r for r, _ in samples))
+            self.peak_anon_kib = max(self.peak_anon_kib, sum(a for _, a in samples))
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -213,6 +223,7 @@ def measure(kind: str, layout: str, path: Path, args) -> dict:
                 result["eval_images_per_s"] = len(task.test) / (time.perf_counter() - started)
                 result["test_images"], result["test_acc"] = len(task.test), acc
     result["peak_rss_gib"] = round(peak.peak_gib, 3)
+    result["peak_anon_gib"] = round(peak.peak_anon_kib / 2**20, 3)
     return result
 
 
@@ -256,11 +267,11 @@ def main(argv=None) -> int:
             results.append(row)
             print(json.dumps(row), flush=True)
             (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'size':>6} {'kind':>9} {'layout':>7} {'peak RSS GiB':>13} {'pipeline img/s':>15} "
+    print(f"\n{'size':>6} {'kind':>9} {'layout':>7} {'peak RSS GiB':>13} {'anon GiB':>9} {'pipeline img/s':>15} "
           f"{'train img/s':>12} {'eval img/s':>11}")
     for r in results:
         fmt = lambda key: f"{r[key]:.0f}" if key in r else "-"  # noqa: E731
-        print(f"{r['size']:>6} {r['kind']:>9} {r['layout']:>7} {r['peak_rss_gib']:>13.2f} "
+        print(f"{r['size']:>6} {r['kind']:>9} {r['layout']:>7} {r['peak_rss_gib']:>13.2f} {r.get('peak_anon_gib', 0):>9.2f} "
               f"{fmt('pipeline_images_per_s'):>15} {fmt('train_images_per_s'):>12} {fmt('eval_images_per_s'):>11}")
     return 0
 
