@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from PIL import Image
 
 from cl_merge.core.io import load_state_dict
 from cl_merge.data import ArrayImageDataset
@@ -83,8 +82,8 @@ def test_resume_after_injected_crash_is_bit_identical(tmp_path, augment):
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     # and training did change the weights (the comparison is not vacuous)
-    theta0 = load_state_dict(straight.task_vector_path)
-    assert any(v.abs().max() > 0 for v in theta0.values())
+    task_vector = load_state_dict(straight.task_vector_path)
+    assert any(v.abs().max() > 0 for v in task_vector.values())
 
 
 _CHILD = textwrap.dedent("""

@@ -182,8 +182,13 @@ class TaskDataModule(pl.LightningDataModule):
             if raw is None or len(raw) == 0:
                 return None
             transform = self.train_transform if name == "train" else self.eval_transform
-            if self.cache and _estimated_bytes(raw, transform) <= CACHE_LIMIT_BYTES:
-                raw = cache_tensors(raw, transform)
+            if self.cache:
+                size = _estimated_bytes(raw, transform)
+                if size <= CACHE_LIMIT_BYTES:
+                    raw = cache_tensors(raw, transform)
+                else:
+                    log.info("%s split: %.0f MiB of tensors is over the cache limit; streaming it instead",
+                             name, size / 2**20)
             seed = self.seed if name == "train" and self.augment else None
             self._sets[name] = StreamedSplit(raw, transform, seed=seed)
         return self._sets[name]
