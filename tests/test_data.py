@@ -119,7 +119,7 @@ def test_fashion_mnist_from_debian_files(tmp_path):
     assert image.mode == "RGB" and image.size == (28, 28)
     assert label == 9  # the first Fashion-MNIST test image is an ankle boot
     assert np.bincount(task.test.labels).tolist() == [1000] * 10
-    assert task.classnames[9] == "ankle boot"
+    assert task.classnames[9] == "Ankle boot"  # FusionBench's name
 
 
 def test_animal_mnist_from_package():

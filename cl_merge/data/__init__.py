@@ -4,7 +4,7 @@ task construction (class subsets, variants, k-shot, splits) and helpers.
 >>> from cl_merge.data import TaskSpec, load_task
 >>> task = load_task(TaskSpec("fashion_mnist", max_train=1000), seed=0)
 >>> task.classnames[:2], task.templates[0]
-(['t-shirt/top', 'trouser'], 'a photo of a {}.')
+(['T - shirt / top', 'Trouser'], 'a photo of a {}.')
 """
 
 from cl_merge import _torchvision_compat  # noqa: F401  (must run before torchvision is imported)
@@ -23,6 +23,7 @@ from cl_merge.data.registry import (
     TALL14,
     TALL20,
     DatasetInfo,
+    HubDataset,
     available_datasets,
     get_dataset_info,
     resolve_data_root,
@@ -35,7 +36,8 @@ from cl_merge.data.sampling import (
     stratified_split,
     stratified_subsample,
 )
-from cl_merge.data.sources import TEST_SPLIT_SEED, load_source
+from cl_merge.data.custom import custom_key, custom_name, is_custom, open_custom, parse_custom
+from cl_merge.data.sources import LAYOUTS, TEST_SPLIT_SEED, find_layout, layout_names, load_source, open_source
 from cl_merge.data.task import TaskData, TaskSpec, load_task, resolve_classes
 from cl_merge.data.transforms import TensorCacheDataset, TransformedDataset, cache_tensors, with_transform
 from cl_merge.data.variants import VARIANTS, apply_variant, available_variants, get_variant
@@ -46,6 +48,8 @@ __all__ = [
     "DATA_ROOT_ENV",
     "DEFAULT_DATA_ROOT",
     "DatasetInfo",
+    "HubDataset",
+    "LAYOUTS",
     "FileImageDataset",
     "LabeledDataset",
     "REGISTRY",
@@ -63,6 +67,14 @@ __all__ = [
     "available_datasets",
     "available_variants",
     "cache_tensors",
+    "custom_key",
+    "custom_name",
+    "find_layout",
+    "is_custom",
+    "layout_names",
+    "open_custom",
+    "open_source",
+    "parse_custom",
     "check_class_splits",
     "get_dataset_info",
     "get_variant",

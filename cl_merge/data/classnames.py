@@ -1,11 +1,13 @@
 """Class names, in each dataset's label order.
 
-Names are the CLIP paper's prompt class names (the ones the task-vector line of
-work uses) for the datasets the paper covers; each tuple is in the label order
-of the loader in :mod:`cl_merge.data.sources` (torchvision's where it has one).
-CLIP lists EuroSAT in a different order than torchvision's folder order, so it
-is written out here in folder order. Datasets the CLIP paper did not cover use
-the names of the dataset's own documentation.
+Names are the ones the published protocols prompt with: the CLIP paper's class
+names (which task vectors and FusionBench use) for the datasets the paper
+covers, FusionBench's for the TALL14/20 datasets it did not (EMNIST letters,
+KMNIST, Fashion-MNIST, Oxford-IIIT Pet, Flowers102), and CIFAR100's own
+fine-label names. Each tuple is in the label order of the registry (torchvision's
+where it has one; sources whose labels are ordered differently, e.g. FER2013 on
+the hub, are relabelled by name). CLIP lists EuroSAT in a different order than
+torchvision's folder order, so it is written out here in folder order.
 """
 
 CIFAR10 = (
@@ -22,9 +24,11 @@ CIFAR10 = (
 )
 
 
+# the dataset's own fine-label names (underscores kept), as task vectors and FusionBench prompt them;
+# FusionBench's list misspells 'crab' as 'cra', kept correct here
 CIFAR100 = (
     'apple',
-    'aquarium fish',
+    'aquarium_fish',
     'baby',
     'bear',
     'beaver',
@@ -64,25 +68,25 @@ CIFAR100 = (
     'kangaroo',
     'keyboard',
     'lamp',
-    'lawn mower',
+    'lawn_mower',
     'leopard',
     'lion',
     'lizard',
     'lobster',
     'man',
-    'maple tree',
+    'maple_tree',
     'motorcycle',
     'mountain',
     'mouse',
     'mushroom',
-    'oak tree',
+    'oak_tree',
     'orange',
     'orchid',
     'otter',
-    'palm tree',
+    'palm_tree',
     'pear',
-    'pickup truck',
-    'pine tree',
+    'pickup_truck',
+    'pine_tree',
     'plain',
     'plate',
     'poppy',
@@ -106,7 +110,7 @@ CIFAR100 = (
     'squirrel',
     'streetcar',
     'sunflower',
-    'sweet pepper',
+    'sweet_pepper',
     'table',
     'tank',
     'telephone',
@@ -119,7 +123,7 @@ CIFAR100 = (
     'turtle',
     'wardrobe',
     'whale',
-    'willow tree',
+    'willow_tree',
     'wolf',
     'woman',
     'worm',
@@ -207,6 +211,7 @@ FER2013 = (
 )
 
 
+# FusionBench's names (three differ from the CLIP paper's: globe-flower, pink-yellow dahlia?, ball moss)
 FLOWERS102 = (
     'pink primrose',
     'hard-leaved pocket orchid',
@@ -223,7 +228,7 @@ FLOWERS102 = (
     'king protea',
     'spear thistle',
     'yellow iris',
-    'globe flower',
+    'globe-flower',
     'purple coneflower',
     'peruvian lily',
     'balloon flower',
@@ -267,7 +272,7 @@ FLOWERS102 = (
     'gaura',
     'geranium',
     'orange dahlia',
-    'pink and yellow dahlia',
+    'pink-yellow dahlia?',
     'cautleya spicata',
     'japanese anemone',
     'black-eyed susan',
@@ -300,7 +305,7 @@ FLOWERS102 = (
     'canna lily',
     'hippeastrum',
     'bee balm',
-    'air plant',
+    'ball moss',
     'foxglove',
     'bougainvillea',
     'camellia',
@@ -465,44 +470,46 @@ GTSRB = (
 )
 
 
+# label order of the annotation files (class ids 1..37, torchvision and timm/oxford-iiit-pet);
+# names as FusionBench writes them
 OXFORD_PETS = (
-    'Abyssinian',
-    'Bengal',
-    'Birman',
-    'Bombay',
-    'British Shorthair',
-    'Egyptian Mau',
-    'Maine Coon',
-    'Persian',
-    'Ragdoll',
-    'Russian Blue',
-    'Siamese',
-    'Sphynx',
-    'american bulldog',
-    'american pit bull terrier',
-    'basset hound',
+    'abyssinian',
+    'american_bulldog',
+    'american_pit_bull_terrier',
+    'basset_hound',
     'beagle',
+    'bengal',
+    'birman',
+    'bombay',
     'boxer',
+    'british_shorthair',
     'chihuahua',
-    'english cocker spaniel',
-    'english setter',
-    'german shorthaired',
-    'great pyrenees',
+    'egyptian_mau',
+    'english_cocker_spaniel',
+    'english_setter',
+    'german_shorthaired',
+    'great_pyrenees',
     'havanese',
-    'japanese chin',
+    'japanese_chin',
     'keeshond',
     'leonberger',
-    'miniature pinscher',
+    'maine_coon',
+    'miniature_pinscher',
     'newfoundland',
+    'persian',
     'pomeranian',
     'pug',
-    'saint bernard',
+    'ragdoll',
+    'russian_blue',
+    'saint_bernard',
     'samoyed',
-    'scottish terrier',
-    'shiba inu',
-    'staffordshire bull terrier',
-    'wheaten terrier',
-    'yorkshire terrier',
+    'scottish_terrier',
+    'shiba_inu',
+    'siamese',
+    'sphynx',
+    'staffordshire_bull_terrier',
+    'wheaten_terrier',
+    'yorkshire_terrier',
 )
 
 
@@ -1182,64 +1189,64 @@ SUN397 = (
 )
 
 
-# Fashion-MNIST's label order (Xiao et al., 2017).
+# FusionBench's names
 FASHION_MNIST = (
-    't-shirt/top',
-    'trouser',
-    'pullover',
-    'dress',
-    'coat',
-    'sandal',
-    'shirt',
-    'sneaker',
-    'bag',
-    'ankle boot',
+    'T - shirt / top',
+    'Trouser',
+    'Pullover',
+    'Dress',
+    'Coat',
+    'Sandal',
+    'Shirt',
+    'Sneaker',
+    'Bag',
+    'Ankle boot',
 )
 
 
-# EMNIST 'letters' merges upper and lower case; raw labels are 1..26, remapped to 0..25.
+# FusionBench's names (capital letters; labels 1..26 of the raw files shifted to 0..25)
 EMNIST_LETTERS = (
-    'a',
-    'b',
-    'c',
-    'd',
-    'e',
-    'f',
-    'g',
-    'h',
-    'i',
-    'j',
-    'k',
-    'l',
-    'm',
-    'n',
-    'o',
-    'p',
-    'q',
-    'r',
-    's',
-    't',
-    'u',
-    'v',
-    'w',
-    'x',
-    'y',
-    'z',
+    'A',
+    'B',
+    'C',
+    'D',
+    'E',
+    'F',
+    'G',
+    'H',
+    'I',
+    'J',
+    'K',
+    'L',
+    'M',
+    'N',
+    'O',
+    'P',
+    'Q',
+    'R',
+    'S',
+    'T',
+    'U',
+    'V',
+    'W',
+    'X',
+    'Y',
+    'Z',
 )
 
 
-# Kuzushiji-MNIST's ten hiragana, romanised as in the dataset's class map.
+# FusionBench's names: the hiragana of the ten classes
 KMNIST = (
-    'o',
-    'ki',
-    'su',
-    'tsu',
-    'na',
-    'ha',
-    'ma',
-    'ya',
-    're',
-    'wo',
+    'お',
+    'き',
+    'す',
+    'つ',
+    'な',
+    'は',
+    'ま',
+    'や',
+    'れ',
+    'を',
 )
 
 

@@ -8,16 +8,21 @@ cut to k shots or a maximum size, split into train / val / test.
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from cl_merge.data.base import LabeledDataset, TaskSplit
 from cl_merge.data.registry import DatasetInfo, get_dataset_info, resolve_data_root
 from cl_merge.data.sampling import k_shot_indices, stratified_split, stratified_subsample
-from cl_merge.data.sources import load_source
+from cl_merge.data.custom import custom_name, is_custom, open_custom
+from cl_merge.data.sources import open_source
 from cl_merge.data.variants import get_variant
 from cl_merge.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -27,9 +32,10 @@ class TaskSpec:
     (:mod:`cl_merge.data.variants`); ``k_shot`` keeps exactly k training images per
     class; ``val_fraction`` is carved (stratified) from train when the dataset has
     no validation split; ``max_train`` / ``max_val`` / ``max_test`` subsample
-    (stratified) for fast runs."""
+    (stratified) for fast runs. ``layout`` picks one on-disk layout of a registry
+    dataset (see :func:`cl_merge.data.sources.layout_names`)."""
 
-    dataset: str
+    dataset: str | dict[str, Any]  # a registry name, or {folder: ...} / {hf: ...} (cl_merge.data.custom)
     name: str | None = None
     classes: list[int] | list[str] | None = None
     variant: str | None = None
@@ -38,13 +44,15 @@ class TaskSpec:
     max_train: int | None = None
     max_val: int | None = None
     max_test: int | None = None
+    layout: str | None = None  # hf, task_vectors, torchvision, ...: None takes the first present
 
     @property
     def task_name(self) -> str:
         """``name`` or ``dataset[+variant][classes]``."""
         if self.name:
             return self.name
-        out = self.dataset + (f"+{self.variant}" if self.variant else "")
+        base = custom_name(self.dataset) if is_custom(self.dataset) else self.dataset
+        out = base + (f"+{self.variant}" if self.variant else "")
         if self.classes is not None:
             items = list(self.classes)
             if all(isinstance(c, int) for c in items) and items == list(range(items[0], items[0] + len(items))):
@@ -72,6 +80,8 @@ class TaskData:
     class_ids: list[int]
     info: DatasetInfo
     spec: TaskSpec = field(repr=False)
+    layout: str = ""  # the on-disk layout the data was read from
+    protocol: str = ""  # whose splits and labels that layout reproduces
 
     @property
     def num_classes(self) -> int:
@@ -122,18 +132,28 @@ def load_task(spec: TaskSpec, root=None, *, download: bool = False, seed: int = 
     ``seed`` drives the validation carve-out, k-shot sampling and subsampling;
     the test split of datasets that ship none is fixed (see ``sources``).
     """
-    info = get_dataset_info(spec.dataset)
     variant = get_variant(spec.variant) if spec.variant is not None else None
     if not 0.0 <= spec.val_fraction < 1.0:
         raise ConfigError(f"TaskSpec.val_fraction must be in [0, 1), got {spec.val_fraction}")
     for name in ("k_shot", "max_train", "max_val", "max_test"):
         _check_positive(getattr(spec, name), name)
+    data_root = resolve_data_root(root)
+    if is_custom(spec.dataset):
+        if spec.layout is not None:
+            raise ConfigError("TaskSpec.layout: only for registry datasets (a folder/hf dataset has one layout)")
+        info, splits = open_custom(spec.dataset, data_root, download=download)
+        layout_name, protocol = info.layouts[0], "the user's own splits"
+    else:
+        info = get_dataset_info(spec.dataset)
+        if info.bundled and root is not None:
+            log.warning("%s ships with its package (%s): the data root %s is not used", info.name, info.source, root)
+        splits, layout = open_source(info.name, data_root, download=download, layout=spec.layout)
+        layout_name, protocol = layout.name, layout.protocol
     class_ids = resolve_classes(info, spec.classes)
 
     label_map = np.full(info.num_classes, -1, dtype=np.int64)
     label_map[class_ids] = np.arange(len(class_ids))
     keep = label_map >= 0
-    splits = load_source(info.name, resolve_data_root(root), download=download)
     view = lambda ds, positions: TaskSplit(ds, positions, label_map=label_map, variant=variant)  # noqa: E731
 
     train = view(splits["train"], _select(splits["train"], keep))
@@ -163,4 +183,6 @@ def load_task(spec: TaskSpec, root=None, *, download: bool = False, seed: int = 
         class_ids=class_ids,
         info=info,
         spec=spec,
+        layout=layout_name,
+        protocol=protocol,
     )

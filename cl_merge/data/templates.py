@@ -1,9 +1,10 @@
 """Prompt templates: format strings with one ``{}`` for the class name.
 
-For the datasets of the CLIP paper these are its per-dataset templates; ImageNet-R
-uses the paper's 80 ImageNet templates. SVHN and digits use the MNIST template;
-Fashion-MNIST, EMNIST, KMNIST and Animal-MNIST, which the paper did not cover,
-get short templates in the same style.
+For the datasets of the CLIP paper these are its per-dataset templates (as task
+vectors and FusionBench use them); ImageNet-R uses the paper's 80 ImageNet
+templates. SVHN and digits use the MNIST template. Fashion-MNIST, EMNIST letters
+and KMNIST use FusionBench's templates; Animal-MNIST (offline only) short ones
+in the same style.
 """
 
 CIFAR = (
@@ -227,20 +228,16 @@ IMAGENET = (
 FASHION_MNIST = (
     'a photo of a {}.',
     'a photo of the {}.',
-    'a black and white photo of a {}.',
-    'a low resolution photo of a {}.',
 )
 
 
 EMNIST_LETTERS = (
-    'a photo of the letter: "{}".',
-    'a handwritten letter "{}".',
+    'a photo of the digit character: "{}".',
 )
 
 
 KMNIST = (
-    'a photo of the character: "{}".',
-    'a handwritten japanese character "{}".',
+    'a photo of the character {}.',
 )
 
 

@@ -23,6 +23,8 @@ MAX_SEED = 2**32 - 1  # numpy / Lightning seeds are unsigned 32-bit
 COSMETIC_FIELDS = frozenset(
     {"progress_bar", "keep_checkpoints", "log_every_n_steps", "num_workers", "checkpoint_every_n_steps", "eval_batch_size"}
 )
+# data-loading settings: how fast batches arrive, never which ones (the order is a function of seed and step)
+COSMETIC_FIELDS = COSMETIC_FIELDS | {"pin_memory", "persistent_workers", "prefetch_factor"}
 
 
 @dataclasses.dataclass
@@ -35,7 +37,10 @@ class TrainConfig:
     transform (random crops, ...) instead of its evaluation transform (the
     task-vectors recipe trains on the evaluation preprocessing).
     ``cache_tensors``: precompute the transformed images once (only without
-    ``augment``; costs memory: images × 3 × size² × 4 bytes).
+    ``augment``, and only for splits under 256 MiB of tensors: larger ones
+    are streamed). ``num_workers``/``pin_memory``/``persistent_workers``/
+    ``prefetch_factor``: DataLoader settings (images are decoded and
+    transformed in the workers).
     ``accelerator``/``devices``/``strategy``/``precision``/``num_nodes`` go to
     ``lightning.Trainer`` unchanged ("ddp", "fsdp", "bf16-mixed", ...).
     ``val_check_interval``: validate every n steps (int) during training;
@@ -69,6 +74,9 @@ class TrainConfig:
     precision: str | int = "32-true"
     num_nodes: int = 1
     num_workers: int = 0
+    pin_memory: bool | None = None  # None: on when CUDA is available
+    persistent_workers: bool = True  # keep training workers between epochs
+    prefetch_factor: int | None = None  # batches each worker loads ahead (None: torch's default, 2)
     val_check_interval: int | None = None
     eval_splits: list[str] = dataclasses.field(default_factory=lambda: ["val", "test"])
     eval_batch_size: int | None = None
@@ -109,6 +117,8 @@ class TrainConfig:
             raise HyperparameterError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.num_workers < 0:
             raise HyperparameterError(f"num_workers must be >= 0, got {self.num_workers}")
+        if self.prefetch_factor is not None and self.prefetch_factor < 1:
+            raise HyperparameterError(f"prefetch_factor must be >= 1 or null, got {self.prefetch_factor}")
         if self.trainable not in ("all", "last_k_blocks", "layernorm"):
             raise HyperparameterError(f"trainable must be all, last_k_blocks or layernorm, got {self.trainable!r}")
         if self.augment and self.cache_tensors:

@@ -8,19 +8,68 @@ weights the model holds.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Mapping
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cl_merge.errors import DataError
+from cl_merge.errors import ConfigError, DataError
 from cl_merge.models.base import TaskModel, check_state_dict_fits
+
+_GPU_ACCELERATORS = ("gpu", "cuda")
+
+
+def resolve_device(accelerator: str = "auto", devices=None) -> torch.device:
+    """The torch device a run configured with Lightning's ``accelerator`` /
+    ``devices`` computes on (the first device of a multi-device setting).
+
+    ``auto``: the first GPU when CUDA is available, else the CPU. ``gpu``/``cuda``
+    without CUDA is a ConfigError, as in Lightning.
+    """
+    accelerator = str(accelerator or "auto").lower()
+    index = 0
+    if isinstance(devices, (list, tuple)) and devices:
+        index = int(devices[0])
+    elif isinstance(devices, str) and "," in devices:
+        index = int(devices.split(",")[0].strip() or 0)
+    if accelerator == "cpu":
+        return torch.device("cpu")
+    if accelerator in _GPU_ACCELERATORS or (accelerator == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"accelerator {accelerator!r}: no CUDA GPU is available on this machine")
+        return torch.device("cuda", index)
+    if accelerator == "mps" and torch.backends.mps.is_available():
+        return torch.device("mps")
+    if accelerator == "auto":
+        return torch.device("cpu")
+    raise ConfigError(f"accelerator {accelerator!r}: evaluation supports auto, cpu, gpu/cuda and mps")
+
+
+def enable_tf32(device: torch.device) -> None:
+    """TF32 matmuls and convolutions on CUDA (Ampere and later): the float32
+    speed-up Lightning recommends; results stay within float32 training noise."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast_for(device: torch.device, precision: str | int | None):
+    """The autocast context matching a Lightning ``precision`` setting (a no-op for 32-bit)."""
+    text = str(precision or "32-true")
+    device = torch.device(device)
+    if text.startswith("bf16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if text in ("16", "16-mixed") and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
 
 
 class _TransformCollate:
     """Collate ``(image, label)`` pairs, transforming PIL images and passing
-    tensors (already transformed, e.g. from ``cache_tensors``) through."""
+    tensors (already transformed, e.g. from ``cache_tensors``) through. Runs
+    in the DataLoader workers, so decoding and transforms happen there."""
 
     def __init__(self, transform: Callable):
         self.transform = transform
@@ -42,6 +91,7 @@ def predict_logits(
     device: str | torch.device | None = None,
     num_workers: int = 0,
     transform: Callable | None = None,
+    precision: str | int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [N, C], labels [N]) on CPU, in dataset order."""
     if len(dataset) == 0:
@@ -60,6 +110,7 @@ def predict_logits(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
+        pin_memory=device.type == "cuda",
         collate_fn=_TransformCollate(transform or model.preprocess(train=False)),
     )
     was_training, head_training = encoder.training, head.training
@@ -69,8 +120,10 @@ def predict_logits(
     try:
         for images, labels in loader:
             images = images.to(device, non_blocking=True)
-            features = torch.func.functional_call(encoder, params, (images,)) if params is not None else encoder(images)
-            all_logits.append(head(features).float().cpu())
+            with autocast_for(device, precision):
+                features = torch.func.functional_call(encoder, params, (images,)) if params is not None else encoder(images)
+                logits = head(features)
+            all_logits.append(logits.float().cpu())
             all_labels.append(labels)
     finally:
         encoder.train(was_training)
@@ -88,6 +141,7 @@ def evaluate(
     device: str | torch.device | None = None,
     num_workers: int = 0,
     transform: Callable | None = None,
+    precision: str | int | None = None,
 ) -> float:
     """Top-1 accuracy in [0, 1] of ``head(encoder(x))`` with the encoder's
     weights replaced by ``encoder_state`` (``None``: the model's own).
@@ -97,6 +151,7 @@ def evaluate(
     For repeated evaluation on one split, pass
     ``cl_merge.data.cache_tensors(split, model.preprocess(False))``."""
     logits, labels = predict_logits(
-        model, encoder_state, head, dataset, batch_size, device=device, num_workers=num_workers, transform=transform
+        model, encoder_state, head, dataset, batch_size, device=device, num_workers=num_workers, transform=transform,
+        precision=precision,
     )
     return float((logits.argmax(dim=-1) == labels).float().mean())

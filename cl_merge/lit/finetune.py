@@ -243,6 +243,10 @@ def finetune(
         num_workers=config.num_workers,
         seed=seed,
         cache=config.cache_tensors,
+        pin_memory=config.pin_memory,
+        persistent_workers=config.persistent_workers,
+        prefetch_factor=config.prefetch_factor,
+        augment=config.augment,
     )
 
     # ---- train (resuming an interrupted run of the same configuration)
@@ -313,7 +317,8 @@ def finetune(
             datamodule.split("train") if not config.augment else None
         )
         if dataset is not None:
-            metrics[f"{split}_acc"] = evaluate(model, ft_state, final_head, dataset, eval_batch, device=eval_device)
+            metrics[f"{split}_acc"] = evaluate(model, ft_state, final_head, dataset, eval_batch, device=eval_device,
+                                               num_workers=config.num_workers, precision=config.precision)
 
     # ---- artifacts
     task_vector = TaskVector.from_state_dicts(theta0, ft_state)

@@ -1,8 +1,12 @@
 """Data, heads and accuracy for the runner, each built once and reused.
 
-Test tensors are preprocessed once per task; zero-shot heads come from the
-model's head cache (the text tower is not run again after the first build);
-evaluating a merged model only swaps encoder weights.
+Test splits are streamed through a DataLoader at every evaluation (images
+decoded and transformed in its workers): no task's test tensors stay in
+memory, so memory does not grow with the number or size of the tasks.
+Zero-shot heads are cached (small: classes x embedding); evaluating a merged
+model only swaps encoder weights. The pool puts the model on the device the
+run is configured for when it is built, so evaluation runs there whether or
+not a fine-tune ran in this process (resume, imported checkpoints, --stage).
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
-from cl_merge.data import TaskSpec, cache_tensors, load_task
+from cl_merge.data import TaskSpec, load_task
+from cl_merge.lit.evaluate import _TransformCollate, autocast_for, enable_tf32, resolve_device
 
 Tensor = torch.Tensor
 
@@ -27,23 +33,37 @@ def stage_task_spec(stage, scenario) -> TaskSpec:
         max_train=scenario.train.max_train,
         max_test=scenario.eval.max_test,
         max_val=scenario.eval.max_test,
+        layout=getattr(stage, "layout", None),
     )
 
 
 class TaskPool:
-    """Loaded tasks of a scenario and a reusable model for evaluation."""
+    """Loaded tasks of a scenario and a reusable model for evaluation.
+
+    ``device``: a torch device, or None for the one ``accelerator``/``devices``
+    give (``auto``: the first GPU if any, else the CPU); the model is moved
+    there now. ``precision``: a Lightning precision string; ``bf16-mixed``
+    (and ``bf16-true``) evaluate under bfloat16 autocast. TF32 matmuls are on
+    for CUDA devices. ``num_workers``: DataLoader workers that decode and
+    transform the test images.
+    """
 
     def __init__(self, scenario, model, *, data_root=None, download: bool = False,
-                 head_loader: Callable[[int, str], nn.Module | None] | None = None):
+                 head_loader: Callable[[int, str], nn.Module | None] | None = None,
+                 device: str | torch.device | None = None, accelerator: str = "auto", devices=None,
+                 precision: str | int | None = None, num_workers: int = 0):
         self.scenario = scenario
-        self.model = model.eval()
-        self.theta0 = model.encoder_state_dict()
+        self.device = torch.device(device) if device is not None else resolve_device(accelerator, devices)
+        enable_tf32(self.device)
+        self.model = model.to(self.device).eval()
+        self.precision = precision
+        self.num_workers = num_workers
+        self.theta0 = {k: v.cpu() for k, v in model.encoder_state_dict().items()}
         self.data_root = data_root
         self.download = download
         self.head_loader = head_loader
         self.batch_size = scenario.eval.batch_size
         self._tasks: dict[str, object] = {}
-        self._tensors: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
         self._heads: dict[tuple, nn.Module] = {}
 
     # ------------------------------------------------------------ data
@@ -53,13 +73,12 @@ class TaskPool:
                                                 download=self.download, seed=self.scenario.seed)
         return self._tasks[stage.name]
 
-    def tensors(self, stage, split: str) -> tuple[Tensor, Tensor]:
-        key = (stage.name, split)
-        if key not in self._tensors:
-            data = getattr(self.task(stage), split)
-            cached = cache_tensors(data, self.model.preprocess(train=False))
-            self._tensors[key] = (cached.inputs, torch.as_tensor(cached.labels))
-        return self._tensors[key]
+    def loader(self, stage, split: str) -> DataLoader:
+        """The split, streamed in batches of ``eval.batch_size`` through the model's evaluation transform."""
+        data = getattr(self.task(stage), split)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          pin_memory=self.device.type == "cuda",
+                          collate_fn=_TransformCollate(self.model.preprocess(train=False)))
 
     # ------------------------------------------------------------ heads
     def head(self, stages: Sequence, index: int, seen_upto: int) -> tuple[nn.Module, int]:
@@ -72,7 +91,7 @@ class TaskPool:
                 parts = [self._own_head(stages, j) for j in range(seen_upto + 1)]
                 from cl_merge.models.heads import concat_heads
 
-                self._heads[key] = concat_heads(parts)
+                self._heads[key] = concat_heads(parts).to(self.device)
             offset = sum(self.task(stages[j]).num_classes for j in range(index))
             return self._heads[key], offset
         return self._own_head(stages, index), 0
@@ -85,20 +104,23 @@ class TaskPool:
             if head is None:
                 task = self.task(stage)
                 head = self.model.make_head(task.classnames, task.templates)
-            self._heads[key] = head.eval()
+            self._heads[key] = head.to(self.device).eval()
         return self._heads[key]
 
     # ------------------------------------------------------------ accuracy
     @torch.no_grad()
-    def _predict_accuracy(self, head: nn.Module, inputs: Tensor, labels: Tensor, offset: int) -> float:
-        correct = 0
-        device = self.model.device
-        for start in range(0, len(labels), self.batch_size):
-            batch = inputs[start:start + self.batch_size].to(device)
-            logits = self.model.forward(batch, head)
-            pred = logits.argmax(dim=-1).cpu()
-            correct += int((pred == labels[start:start + self.batch_size] + offset).sum())
-        return correct / max(1, len(labels))
+    def _correct_counts(self, stage, split: str, heads: Sequence[tuple[nn.Module, int]]) -> tuple[list[int], int]:
+        """Correct predictions of each ``(head, label offset)`` over one streamed pass."""
+        correct, total = [0] * len(heads), 0
+        for images, labels in self.loader(stage, split):
+            images = images.to(self.device, non_blocking=True)
+            with autocast_for(self.device, self.precision):
+                features = self.model.encoder(images)
+                predictions = [head(features).argmax(dim=-1).cpu() for head, _ in heads]
+            for j, (pred, (_, offset)) in enumerate(zip(predictions, heads)):
+                correct[j] += int((pred == labels + offset).sum())
+            total += len(labels)
+        return correct, total
 
     def accuracy(self, encoder_state, stages: Sequence, index: int, seen_upto: int,
                  split: str = "test") -> dict[str, float]:
@@ -107,9 +129,12 @@ class TaskPool:
         self.model.load_encoder_state_dict(encoder_state)
         self.model.eval()
         stage = stages[index]
-        inputs, labels = self.tensors(stage, split)
-        head, offset = self.head(stages, index, max(seen_upto, index))
-        out = {stage.name: self._predict_accuracy(head, inputs, labels, offset)}
-        if self.scenario.setting == "class_incremental" and self.scenario.eval.task_aware:
-            out[f"{stage.name}/task_aware"] = self._predict_accuracy(self._own_head(stages, index), inputs, labels, 0)
+        heads = [self.head(stages, index, max(seen_upto, index))]
+        task_aware = self.scenario.setting == "class_incremental" and self.scenario.eval.task_aware
+        if task_aware:
+            heads.append((self._own_head(stages, index), 0))
+        correct, total = self._correct_counts(stage, split, heads)
+        out = {stage.name: correct[0] / max(1, total)}
+        if task_aware:
+            out[f"{stage.name}/task_aware"] = correct[1] / max(1, total)
         return out

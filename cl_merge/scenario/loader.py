@@ -214,12 +214,25 @@ def _resolve_stages(sc: Scenario, where: str, registry) -> None:
 
 def _validate_stage(sc: Scenario, i: int, stage: StageSpec, where: str, registry, variants) -> None:
     at = f"{where}: stages[{i}]"
-    if registry is not None:
+    custom = isinstance(stage.dataset, dict)
+    if custom:
+        from cl_merge.data.custom import parse_custom
+
+        stage.dataset = parse_custom(stage.dataset, f"{at}.dataset")
+    elif registry is not None:
         names = list(registry.dataset_names())
         if stage.dataset not in names:
             raise ConfigError(
                 f"{at}.dataset: unknown dataset {stage.dataset!r}{close_matches(stage.dataset, names)}"
             )
+    if stage.layout is not None:
+        _check(not custom, f"{at}.layout: only for registry datasets (a folder/hf dataset has one layout)")
+        if registry is not None:
+            from cl_merge.data.sources import layout_names
+
+            valid = layout_names(stage.dataset)
+            _check(stage.layout in valid, f"{at}.layout: {stage.dataset!r} has no layout {stage.layout!r}"
+                                          f" (valid: {', '.join(valid)})")
     if stage.variant is not None and variants is not None and stage.variant not in variants:
         raise ConfigError(f"{at}.variant: unknown variant {stage.variant!r}{close_matches(stage.variant, variants)}"
                           f" (valid: {', '.join(variants)})")
@@ -234,7 +247,11 @@ def _validate_stage(sc: Scenario, i: int, stage: StageSpec, where: str, registry
         dup = sorted({c for c in stage.classes if stage.classes.count(c) > 1})
         _check(not dup, f"{at}.classes: class {dup[0] if dup else ''} listed twice")
         _check(all(c >= 0 for c in stage.classes), f"{at}.classes: class indices must be >= 0")
-        num_classes = registry.num_classes(stage.dataset) if registry is not None else None
+        if custom:
+            names = stage.dataset.get("class_names")
+            num_classes = len(names) if names is not None else None
+        else:
+            num_classes = registry.num_classes(stage.dataset) if registry is not None else None
         if sc.split is not None and sc.split.dataset == stage.dataset:
             num_classes = sc.split.num_classes
         if num_classes is not None:
@@ -244,13 +261,30 @@ def _validate_stage(sc: Scenario, i: int, stage: StageSpec, where: str, registry
     if stage.checkpoint is not None:
         _check(stage.checkpoint.strip() != "", f"{at}.checkpoint: empty path")
     if stage.name is None:
-        stage.name = stage.dataset if stage.variant is None else f"{stage.dataset}_{stage.variant}"
+        base = _dataset_label(stage.dataset)
+        stage.name = base if stage.variant is None else f"{base}_{stage.variant}"
         if stage.classes is not None:  # class splits of one dataset: numbered like the split shorthand
             earlier = sum(1 for s in sc.stages[:i] if s.classes is not None and s.dataset == stage.dataset
-                          and s.variant == stage.variant)
+                          and s.variant == stage.variant)  # dicts compare by value
             stage.name = f"{stage.name}_t{earlier:02d}"
     _check(bool(_SAFE_NAME.match(stage.name)),
            f"{at}.name: {stage.name!r} must be letters, digits and _ . + - (it names files)")
+
+
+def _dataset_key(dataset) -> str:
+    """A hashable identity of a stage's dataset (a name, or a custom mapping)."""
+    from cl_merge.data.custom import custom_key
+
+    return custom_key(dataset)
+
+
+def _dataset_label(dataset) -> str:
+    """The default stage name: the registry name, or a custom dataset's folder / hub name."""
+    if isinstance(dataset, dict):
+        from cl_merge.data.custom import custom_name
+
+        return custom_name(dataset)
+    return dataset
 
 
 def _validate_cross_stage(sc: Scenario, where: str, registry) -> None:
@@ -266,7 +300,7 @@ def _validate_cross_stage(sc: Scenario, where: str, registry) -> None:
     owner: dict[tuple[str, str | None, int], int] = {}
     whole: dict[tuple[str, str | None], int] = {}
     for i, stage in enumerate(sc.stages):
-        key = (stage.dataset, stage.variant)
+        key = (_dataset_key(stage.dataset), stage.variant)
         if stage.classes is None:
             if sc.setting == "class_incremental":
                 whole[key] = i
@@ -281,7 +315,7 @@ def _validate_cross_stage(sc: Scenario, where: str, registry) -> None:
                 owner[(*key, c)] = i
     if sc.setting == "class_incremental":
         for i, stage in enumerate(sc.stages):
-            key = (stage.dataset, stage.variant)
+            key = (_dataset_key(stage.dataset), stage.variant)
             if stage.classes is not None and key in whole:
                 raise ConfigError(f"{where}: stages[{whole[key]}].classes: {stage.dataset!r} is used whole and"
                                   f" split in stages[{i}] (class splits must not overlap)")
@@ -291,7 +325,8 @@ def _validate_cross_stage(sc: Scenario, where: str, registry) -> None:
             if stage.classes is not None or first.classes is not None:
                 _check(sorted(stage.classes or []) == sorted(first.classes or []),
                        f"{where}: stages[{i}].classes: domain_incremental stages must share one label set")
-            elif stage.dataset != first.dataset and registry is not None:
+            elif stage.dataset != first.dataset and registry is not None \
+                    and not isinstance(stage.dataset, dict) and not isinstance(first.dataset, dict):
                 a, b = registry.num_classes(first.dataset), registry.num_classes(stage.dataset)
                 _check(a is None or b is None or a == b,
                        f"{where}: stages[{i}].dataset: {stage.dataset!r} has {b} classes, {first.dataset!r} {a};"

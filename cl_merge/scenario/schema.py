@@ -32,12 +32,15 @@ class ModelSpec:
 class StageSpec:
     """One stage of the sequence: a task to fine-tune on (or a checkpoint to bring)."""
 
-    dataset: str
+    # a registry name, or the user's own data: {folder: PATH} / {hf: ID_OR_PATH, image_column, label_column,
+    # class_names, templates} (cl_merge.data.custom)
+    dataset: str | dict[str, Any]
     name: str | None = None  # unique label; filled from dataset/variant when omitted
     classes: list[int] | None = None  # subset of the dataset's class indices (class splits)
     variant: str | None = None  # input transformation, e.g. rotate90, invert (domain-incremental)
     k_shot: int | None = None  # labelled examples per class for training (few-shot)
     checkpoint: str | None = None  # already fine-tuned weights: no training at this stage
+    layout: str | None = None  # on-disk layout of a registry dataset: hf, task_vectors, torchvision (None: first found)
 
 
 @dataclass
