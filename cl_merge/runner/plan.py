@@ -13,6 +13,8 @@ disk the artifacts take. A problem is a ``ConfigError`` naming the field.
 
 from __future__ import annotations
 
+import json
+
 import contextlib
 import dataclasses
 import logging
@@ -240,7 +242,9 @@ def _chains(scenario, rows) -> dict[str, str]:
 
 
 def _stage_key(stage) -> tuple:
-    return (stage.dataset, tuple(sorted(stage.classes)) if stage.classes is not None else None,
+    # a user dataset is a mapping ({folder: ...} / {hf: ...}): key it by its sorted items
+    dataset = json.dumps(stage.dataset, sort_keys=True) if isinstance(stage.dataset, dict) else stage.dataset
+    return (dataset, tuple(sorted(stage.classes)) if stage.classes is not None else None,
             stage.variant, stage.k_shot)
 
 
