@@ -75,7 +75,19 @@ def test_regmean_closed_form_two_layer_linear_model_and_stopping_rule():
     assert not torch.allclose(all_rows["0.weight"], out["0.weight"], atol=1e-4)
 
 
-def test_regmean_ratio_zero_is_diagonal_weighting_and_identical_models_are_fixed_points():
+def test_regmean_accepts_fusion_bench_names():
+    pre = two_layer().state_dict()
+    fts = perturbed(pre, 2)
+    data = [[torch.randn(3, 4, generator=gen(15)) for _ in range(3)] for _ in range(2)]
+    ours = merge(pre, fts, method="regmean", model=two_layer(), data=data, num_examples=4, exclude=["1.*"])
+    theirs = merge(pre, fts, method="regmean", model=two_layer(), data=data, num_regmean_examples=4,
+                   exclude_param_names_regex=[r"1\."])
+    for key in pre:
+        torch.testing.assert_close(ours[key], theirs[key])
+    torch.testing.assert_close(theirs["1.weight"], pre["1.weight"])
+
+
+def test_regmean_of_identical_models_is_that_model():
     pre = two_layer().state_dict()
     ft = perturbed(pre, 1)[0]
     data = [[torch.randn(6, 4, generator=gen(2))]] * 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -104,7 +105,18 @@ class _RegMeanSums:
 
 
 def _check_regmean_hparams(method) -> None:
+    if method.num_regmean_examples is not None:
+        require_int("num_regmean_examples", method.num_regmean_examples, method.name)
+        method.num_examples = method.num_regmean_examples
     require_int("num_examples", method.num_examples, method.name)
+    patterns = method.exclude_param_names_regex
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
+        raise HyperparameterError(f"{method.name}: exclude_param_names_regex must be a list of regular expressions")
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise HyperparameterError(f"{method.name}: exclude_param_names_regex {pattern!r}: {exc}") from None
     check_fraction("reduce_non_diagonal_ratio", method.reduce_non_diagonal_ratio, allow_zero=True, method=method.name)
     if not isinstance(method.weight_transpose, bool):
         raise HyperparameterError(f"{method.name}: weight_transpose must be true or false, got {method.weight_transpose!r}")
@@ -129,7 +141,10 @@ class RegMean(MergeMethod):
     off-diagonal entries of every G_i × ``reduce_non_diagonal_ratio`` (the
     paper's α); explicit inverse, no further regularisation. Defaults are
     FusionBench's CLIP config (256 examples, ratio 0.95, ``weight_transpose``
-    true: weights stored (out, in) as in ``nn.Linear``).
+    true: weights stored (out, in) as in ``nn.Linear``). FusionBench's names
+    are accepted too: ``num_regmean_examples`` (sets ``num_examples``) and
+    ``exclude_param_names_regex`` (entries whose key ``re.match``-es one are
+    left at θ0, as FusionBench's algorithm leaves them; same as ``exclude=``).
 
     Beyond FusionBench (which only hooks ``nn.Linear``, enough for HF CLIP's
     separate q/k/v projections): an ``nn.MultiheadAttention`` (open_clip)
@@ -147,6 +162,8 @@ class RegMean(MergeMethod):
     num_examples: int = 256
     reduce_non_diagonal_ratio: float = 0.95
     weight_transpose: bool = True
+    num_regmean_examples: int | None = None
+    exclude_param_names_regex: tuple = ()
 
     def validate(self) -> None:
         _check_regmean_hparams(self)
@@ -155,11 +172,16 @@ class RegMean(MergeMethod):
         return RegMeanStrategy(self, key_filter, device)
 
 
+def drop_excluded(keys: list[str], patterns) -> list[str]:
+    return [k for k in keys if not any(re.match(p, k) for p in patterns)]
+
+
 class RegMeanStrategy(DataBasedStrategy):
     incremental = True
     data_split = "train"
 
     def _start_data(self) -> None:
+        self.merge_keys = drop_excluded(self.merge_keys, self.method.exclude_param_names_regex)
         self.maps = linear_maps(self.context.module)
         self.sums = _RegMeanSums()
         self.weight_sum: dict[str, Tensor] = {}
@@ -288,6 +310,8 @@ class RegMeanPlusPlus(MergeMethod):
     reduce_non_diagonal_ratio: float = 0.95
     weight_transpose: bool = True
     layers: str | None = None
+    num_regmean_examples: int | None = None
+    exclude_param_names_regex: tuple = ()
 
     def validate(self) -> None:
         _check_regmean_hparams(self)
@@ -302,6 +326,7 @@ class RegMeanPlusPlusStrategy(DataBasedStrategy):
     data_split = "train"
 
     def _start_data(self) -> None:
+        self.merge_keys = drop_excluded(self.merge_keys, self.method.exclude_param_names_regex)
         self.tasks: list[TaskInput] = []
         self._cached = None
         self.maps = linear_maps(self.context.module)
