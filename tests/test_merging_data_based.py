@@ -447,3 +447,24 @@ def test_merge_output_does_not_alias_or_mutate_inputs():
     for original, copy in zip([pre] + fts, copies):
         for key in copy:
             assert torch.equal(original[key], copy[key])
+
+
+@pytest.mark.parametrize("method, hparams", [("fisher", {}), ("adamerging", {"max_steps": 2, "batch_size": 4})])
+def test_heads_from_the_task_or_the_context_give_the_same_merge(method, hparams):
+    encoder = nn.Linear(4, 5)
+    pre = encoder.state_dict()
+    fts = perturbed(pre, 2)
+    heads = [nn.Linear(5, 3), nn.Linear(5, 2)]
+    data = [[torch.randn(4, 4, generator=gen(16))] for _ in range(2)]
+    results = []
+    for via_context in (True, False):
+        strategy = get_method(method, **hparams).create_strategy()
+        strategy.start(pre, MergeContext(module=encoder, heads=heads if via_context else None))
+        for i, ft in enumerate(fts):
+            strategy.absorb(TaskInput(i, {k: ft[k] - pre[k] for k in pre}, batches=data[i],
+                                      head=None if via_context else heads[i]))
+        results.append(strategy.current())
+    for key in pre:
+        torch.testing.assert_close(results[0][key], results[1][key])
+    headless = merge(pre, fts, method=method, model=encoder, data=data, **hparams)
+    assert not torch.allclose(headless["weight"], results[0]["weight"])

@@ -17,7 +17,7 @@ from torch import nn
 from cl_merge.core.state_dict import DictSource, KeyFilter, plan_merge
 from cl_merge.errors import HyperparameterError, MergeInputError
 from cl_merge.merging.base import MergeMethod, _TaskVectorSource
-from cl_merge.merging.context import MergeContext, batch_size_of
+from cl_merge.merging.context import batch_size_of
 from cl_merge.merging.lifecycle import MergeStrategy, TaskInput
 
 Tensor = torch.Tensor
@@ -192,6 +192,17 @@ class DataBasedStrategy(MergeStrategy):
                                        device=self.device)
         return out
 
+    def task_logits(self, task: TaskInput, weights: Mapping[str, Tensor], batch) -> Tensor:
+        """Task ``task``'s logits under ``weights``: the module's output
+        through the task's head (``task.head``, else the context's head for
+        its index; none: the output is the logits)."""
+        head = task.head
+        heads = self.context.heads
+        if head is None and heads is not None and task.index < len(heads):
+            head = heads[task.index]
+        features = as_logits(self.context.call(weights, batch))
+        return as_logits(head(features)) if head is not None else features
+
     def finish(self, merged: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """A state dict in θ0's order and dtypes, on the CPU: merged keys from
         ``merged``, the rest θ0's."""
@@ -201,9 +212,6 @@ class DataBasedStrategy(MergeStrategy):
             value = merged[key] if key in merged else base
             out[key] = value.detach().to(device="cpu", dtype=base.dtype)
         return out
-
-    def forward_kwargs(self) -> dict:
-        return {}
 
 
 def _dtype(source, key: str) -> torch.dtype:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
@@ -11,7 +11,6 @@ from cl_merge.core.state_dict import DictSource
 from cl_merge.errors import HyperparameterError, MergeInputError
 from cl_merge.merging._data import (
     DataBasedStrategy,
-    as_logits,
     check_method_models,
     cycle_batches,
     entropy,
@@ -144,7 +143,7 @@ class TestTimeStrategy(DataBasedStrategy):
         return streams
 
     def logits(self, task_position: int, weights, batch) -> Tensor:
-        return as_logits(self.context.logits(self.tasks[task_position].index, weights, batch))
+        return self.task_logits(self.tasks[task_position], weights, batch)
 
 
 class _Shuffled:

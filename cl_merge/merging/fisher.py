@@ -10,7 +10,6 @@ import torch
 from cl_merge.errors import HyperparameterError, MergeInputError
 from cl_merge.merging._data import (
     DataBasedStrategy,
-    as_logits,
     check_method_models,
     eval_mode,
     require_int,
@@ -139,13 +138,13 @@ class FisherStrategy(DataBasedStrategy):
             for batch in take_examples(task.batches, self.method.num_examples, what=f"task {task.index}"):
                 rows = batch_size_of(batch)
                 if self.method.estimator == "batch":
-                    logits = as_logits(self.context.logits(task.index, full, batch)).float()
+                    logits = self.task_logits(task, full, batch).float()
                     probs = logits.softmax(-1).detach()
                     add((probs.sqrt() * logits.log_softmax(-1)).sum(), 1.0)
                 else:
                     for r in range(rows):
                         one = slice_rows(batch, r, r + 1, rows)
-                        log_probs = as_logits(self.context.logits(task.index, full, one)).float().log_softmax(-1)[0]
+                        log_probs = self.task_logits(task, full, one).float().log_softmax(-1)[0]
                         probs = log_probs.detach().exp()
                         for c in range(log_probs.shape[0]):
                             add(log_probs[c], float(probs[c]))
