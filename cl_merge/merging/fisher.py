@@ -89,6 +89,7 @@ class Fisher(MergeMethod):
 
     name = "fisher"
     reference = "https://arxiv.org/abs/2111.09832"
+    incremental = True  # through its strategy (create_strategy), not the per-tensor hooks
 
     num_examples: int = 256
     normalize_fisher_weight: bool = True

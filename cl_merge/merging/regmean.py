@@ -158,6 +158,7 @@ class RegMean(MergeMethod):
 
     name = "regmean"
     reference = "https://arxiv.org/abs/2212.09849"
+    incremental = True  # through its strategy (create_strategy), not the per-tensor hooks
 
     num_examples: int = 256
     reduce_non_diagonal_ratio: float = 0.95
@@ -324,6 +325,7 @@ class RegMeanPlusPlus(MergeMethod):
 
 class RegMeanPlusPlusStrategy(DataBasedStrategy):
     data_split = "train"
+    resume_replays_absorb = True  # no state of its own: the tasks are merged again
 
     def _start_data(self) -> None:
         self.merge_keys = drop_excluded(self.merge_keys, self.method.exclude_param_names_regex)
