@@ -109,6 +109,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=100, help="AdaMerging / Surgery steps (papers: 1000)")
     parser.add_argument("--calib", type=int, default=256, help="calibration examples per task (Fisher, RegMean)")
     parser.add_argument("--fisher-estimator", default="exact", choices=["exact", "batch"])
+    parser.add_argument("--finetune-steps", type=int, default=None, help="override train.max_steps (scenario: 100)")
+    parser.add_argument("--max-train", type=int, default=None, help="override train.max_train (scenario: 2000)")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
@@ -123,6 +125,10 @@ def main() -> int:
     raw = yaml.safe_load(find_scenario("offline_default").read_text())
     raw.update(setting="multi_task", merge=[{"method": "task_arithmetic", "hyperparameters": {"scaling": 0.3}}],
                baselines={"zero_shot": True, "individual": True, "sequential_finetune": False})
+    if args.finetune_steps is not None:
+        raw["train"]["max_steps"] = args.finetune_steps
+    if args.max_train is not None:
+        raw["train"]["max_train"] = args.max_train
     scenario = scenario_from_dict(raw, "offline_default (multi_task)", "offline_multi_task")
     options = RunOptions(out_dir=args.run_dir, data_root=args.data_root, wandb_mode="disabled", progress=False)
     t0 = time.perf_counter()
