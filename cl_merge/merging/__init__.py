@@ -33,6 +33,7 @@ from cl_merge.merging import ties, dare, breadcrumbs, magmax, model_stock, slerp
 from cl_merge.merging import lines  # noqa: F401,E402
 from cl_merge.merging import tall_masks, emr, tsv, iso  # noqa: F401,E402
 from cl_merge.merging import opcm, dop, wudi, cofima  # noqa: F401,E402
+from cl_merge.merging import fisher, regmean, adamerging, surgery  # noqa: F401,E402
 
 Tensor = torch.Tensor
 

@@ -76,6 +76,10 @@ class MergeStrategy(abc.ABC):
     data_split: ClassVar[str] = "train"
     #: calibration batches must carry labels
     needs_labels: ClassVar[bool] = False
+    #: resume replays ``absorb`` for the saved tasks (their task vectors and
+    #: batches) and then, when ``state_dict()`` gave something, calls
+    #: ``load_state_dict`` too (e.g. AdaMerging's learned coefficients)
+    resume_replays_absorb: ClassVar[bool] = False
 
     def __init__(self, method: MergeMethod):
         self.method = method
@@ -183,6 +187,8 @@ class BatchStrategy(MergeStrategy):
     """A ``MergeMethod`` with no incremental form: keeps references to the
     absorbed task vectors and merges them in one streamed pass."""
 
+    resume_replays_absorb = True
+
     def __init__(self, method: MergeMethod, key_filter: KeyFilter | None = None, device=None):
         super().__init__(method)
         self.key_filter = key_filter
@@ -221,6 +227,9 @@ class ScalingSearch(MergeStrategy):
         self.score = score
         self.incremental = inner.incremental
         self.needs = inner.needs
+        self.data_split = inner.data_split
+        self.needs_labels = inner.needs_labels
+        self.resume_replays_absorb = inner.resume_replays_absorb
         self.chosen: float | None = None
         self.scores: dict[float, float] = {}
 
@@ -284,6 +293,9 @@ def _difference(finetuned: Weights, pretrained: Weights, index: int) -> dict[str
         value = finetuned[key]
         if not isinstance(value, Tensor):
             raise MergeInputError(f"fine-tuned model {index}: {key!r} is a {type(value).__name__}, not a tensor")
+        if tuple(value.shape) != tuple(base.shape):
+            raise MergeInputError(f"fine-tuned model {index}: {key!r} has shape {list(value.shape)}, "
+                                  f"the pretrained model has {list(base.shape)}")
         if base.is_floating_point():
             dtype = torch.promote_types(base.dtype, torch.float32)
             out[key] = value.detach().to(dtype) - base.detach().to(dtype)
