@@ -7,7 +7,14 @@ from typing import Any
 
 import torch
 
-from cl_merge.merging._topk import KthLargestMagnitude, keep_count, kth_largest_in_tensor
+from cl_merge.merging._topk import (
+    SAMPLE_STRIDE,
+    BracketedKth,
+    KthLargestMagnitude,
+    keep_count,
+    kth_largest_in_tensor,
+    sample_magnitudes,
+)
 from cl_merge.merging.base import MergeMethod, TensorStream, check_fraction, require
 from cl_merge.merging.registry import register
 
@@ -129,29 +136,69 @@ class Ties(MergeMethod):
                 f"{self.name}: topk_scope must be one of {', '.join(TOPK_SCOPES)}, got {self.topk_scope!r}")
         require(self.aggregate in AGGREGATES,
                 f"{self.name}: aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
+        # with the thresholds fixed in prepare() the merge is entry-wise: the
+        # engine then feeds cache-sized chunks (DARE's drop draws per tensor)
+        self.elementwise = self._plain_trim() and (self.topk_scope == "global" or self.density >= 1)
 
     # -- hook for variants that transform τ before trimming (DARE-TIES)
     def transform_delta(self, key: str, delta: Tensor, task_index: int) -> Tensor:
         return delta
 
     # -- thresholds
+    def _plain_trim(self) -> bool:
+        """No transform before trimming (TIES itself, not DARE-TIES)."""
+        return type(self).transform_delta is Ties.transform_delta
+
+    def _sample(self, stream: TensorStream, key: str, task_offset: int) -> list[Tensor]:
+        """Strided sample of |τ_t| of one entry, for every task. Plain TIES
+        samples the sources directly (the subtraction runs on 1/61 of the
+        entries); a transform (DARE's drop) needs the whole τ_t."""
+        if not self._plain_trim():
+            _base, deltas = stream.load(key)
+            return [sample_magnitudes(self.transform_delta(key, d, task_offset + i)) for i, d in enumerate(deltas)]
+        base = stream.pretrained.get(key).detach().reshape(-1)[::SAMPLE_STRIDE].to(torch.float32)
+        out = []
+        for model in stream.finetuned:
+            value = model.get(key).detach().reshape(-1)[::SAMPLE_STRIDE].to(torch.float32)
+            out.append((value if stream.deltas_given else value - base).abs())
+        return out
+
     def _global_thresholds(self, stream: TensorStream, task_offset: int = 0) -> list[float]:
         """Exact k-th largest |τ_t| over the whole model, for every task in the
-        stream: two passes (coarse then fine histogram), one tensor at a time."""
+        stream: a strided sample brackets it, one counting pass pins it
+        (``BracketedKth``); tasks whose bracket missed get the two radix
+        passes. One tensor at a time; the sample is 1/61 of a model per task."""
         total = sum(_numel(stream.shape(key)) for key in stream.keys)
         k = keep_count(self.density, total)
-        selectors = [KthLargestMagnitude(k) for _ in range(stream.num_models)]
+        num = stream.num_models
+        samples: list[list[Tensor]] = [[] for _ in range(num)]
+        for key in stream.keys:
+            for i, sample in enumerate(self._sample(stream, key, task_offset)):
+                samples[i].append(sample)
+        selectors = [BracketedKth(torch.cat(parts), k, total) for parts in samples]
+        del samples
         for key, _base, deltas in stream:
             for i, delta in enumerate(deltas):
-                selectors[i].feed_high(self.transform_delta(key, delta, task_offset + i))
-        for key, _base, deltas in stream:
-            for i, delta in enumerate(deltas):
-                selectors[i].feed_low(self.transform_delta(key, delta, task_offset + i))
-        return [s.threshold() for s in selectors]
+                flat = self.transform_delta(key, delta, task_offset + i).reshape(-1)
+                for start in range(0, flat.numel(), _PASS_CHUNK):
+                    selectors[i].feed(flat[start:start + _PASS_CHUNK].abs())
+        thresholds = [s.threshold() for s in selectors]
+        missed = [i for i, t in enumerate(thresholds) if t is None]
+        if missed:
+            radix = [KthLargestMagnitude(k) for _ in missed]
+            for feed in ("feed_high", "feed_low"):
+                for key, _base, deltas in stream:
+                    for r, i in zip(radix, missed):
+                        getattr(r, feed)(self.transform_delta(key, deltas[i], task_offset + i))
+            for r, i in zip(radix, missed):
+                thresholds[i] = r.threshold()
+        return thresholds
 
     def _fold(self, state, key: str, delta: Tensor, task_index: int, threshold: float | None):
         """Transform (DARE), trim and fold one task vector into ``state`` in place."""
         delta = self.transform_delta(key, delta, task_index)
+        if delta.numel() == 0:
+            return state  # nothing to trim (an empty tensor)
         if threshold is None:  # per tensor
             threshold = kth_largest_in_tensor(delta, keep_count(self.density, delta.numel()))
         return fold_trimmed_(state, delta, threshold)
@@ -196,6 +243,9 @@ class Ties(MergeMethod):
 
     def state_weights(self, key, base, state, num_seen):
         return base + self.scaling * disjoint_merge(state, self.aggregate)
+
+
+_PASS_CHUNK = 1 << 18  # entries per chunk of the counting pass (1 MiB of float32)
 
 
 def _numel(shape) -> int:
