@@ -33,6 +33,7 @@ def merge(
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
     check_finite: bool = True,
+    device=None,
     **hparams,
 ):
     """Merge fine-tuned models that share the pretrained model ``pretrained``.
@@ -43,6 +44,10 @@ def merge(
     ``pretrained`` (integer/bool buffers must be equal everywhere). Returns a
     new state dict in the pretrained dtypes, or a ``PerTaskMergeResult`` for
     strategies with per-task parts (``tall_masks``, ``emr``).
+
+    ``device`` (e.g. ``"cuda"``): run the arithmetic there, one entry at a
+    time, results back on the CPU. Inputs may require grad: the merge runs
+    under ``torch.no_grad()`` and returns plain tensors.
     """
     if isinstance(method, MergeMethod):
         if hparams:
@@ -50,13 +55,15 @@ def merge(
         strategy = method
     else:
         strategy = get_method(method, **hparams)
-    return run_merge(strategy, pretrained, finetuned, key_filter=make_filter(include, exclude), check=check_finite)
+    return run_merge(strategy, pretrained, finetuned, key_filter=make_filter(include, exclude), check=check_finite,
+                     device=device)
 
 
 def incremental_merger(pretrained: Mapping[str, Tensor], method: str = "task_arithmetic", *,
-                       include=None, exclude=None, **hparams) -> IncrementalMerger:
-    """Running merge, one task vector at a time (``.update(tv)``, ``.current()``)."""
-    return IncrementalMerger(get_method(method, **hparams), pretrained, make_filter(include, exclude))
+                       include=None, exclude=None, device=None, **hparams) -> IncrementalMerger:
+    """Running merge, one task vector at a time (``.update(tv)``, ``.current()``).
+    ``device``: where each update runs (the state stays on the CPU)."""
+    return IncrementalMerger(get_method(method, **hparams), pretrained, make_filter(include, exclude), device=device)
 
 
 __all__ = [

@@ -79,7 +79,7 @@ class KthLargestMagnitude:
     def feed_high(self, tensor: Tensor) -> None:
         bits = magnitude_bits(tensor)
         self.count += bits.numel()
-        self._high += _high_histogram(bits)
+        self._high += _high_histogram(bits).cpu()
 
     def _select_bucket(self) -> None:
         if self._bucket is None:
@@ -92,7 +92,7 @@ class KthLargestMagnitude:
         bits = magnitude_bits(tensor)
         in_bucket = bits[(bits >> 16) == self._bucket]
         if in_bucket.numel():
-            self._low += torch.bincount(in_bucket & 0xFFFF, minlength=_LOW_BINS)
+            self._low += torch.bincount(in_bucket & 0xFFFF, minlength=_LOW_BINS).cpu()
 
     def threshold(self) -> float:
         """The k-th largest |x| (exact float32 value)."""
@@ -149,7 +149,7 @@ class BracketedKth:
         self._inside.append(magnitude[inside])
 
     def threshold(self) -> float | None:
-        inside = torch.cat(self._inside) if self._inside else torch.zeros(0)
+        inside = torch.cat(self._inside).float().cpu() if self._inside else torch.zeros(0)
         need = self.k - self.above
         if not 1 <= need <= inside.numel():
             return None

@@ -29,9 +29,10 @@ def drop_and_rescale(delta: Tensor, drop_rate: float, seed: int, task_index: int
     (1 − drop_rate), so that E[result] = delta."""
     if drop_rate == 0:
         return delta
+    # drawn on the CPU whatever the merge's device: the same masks everywhere
     uniform = torch.rand(delta.shape, generator=dare_generator(seed, task_index, key), dtype=torch.float32)
-    kept = uniform >= drop_rate
-    return torch.where(kept, delta / (1.0 - drop_rate), torch.zeros((), dtype=delta.dtype))
+    kept = (uniform >= drop_rate).to(delta.device)
+    return torch.where(kept, delta / (1.0 - drop_rate), 0.0)
 
 
 def check_drop_rate(method: str, drop_rate: float) -> None:

@@ -107,7 +107,9 @@ class TallMasks(MergeMethod):
 
     def merge_tensor(self, key, base, deltas, context: _TallContext):
         multi_task = sum_of(deltas).mul_(self.scaling)
-        context.masks[key] = pack_masks([tall_mask(d, multi_task, lam) for d, lam in zip(deltas, context.lambdas)])
+        # kept on the CPU: one bit per task per entry of the whole model
+        context.masks[key] = pack_masks([tall_mask(d, multi_task, lam)
+                                         for d, lam in zip(deltas, context.lambdas)]).cpu()
         return multi_task.add_(base)
 
     def finalize(self, merged, context: _TallContext, stream):
@@ -154,7 +156,7 @@ class Consensus(MergeMethod):
 
     def merge_tensor(self, key, base, deltas, lambdas):
         total = sum_of(deltas)
-        votes = torch.zeros(base.shape, dtype=torch.int32)
+        votes = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
         for delta, lam in zip(deltas, lambdas):
             votes += tall_mask(delta, total, lam)
         total.masked_fill_(votes < self.min_agreement, 0.0)

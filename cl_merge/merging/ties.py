@@ -38,7 +38,7 @@ def fold_trimmed_(state: dict[str, Tensor], delta: Tensor, threshold: float) -> 
     """Trim ``delta`` (keep |τ| >= threshold, the k-th largest |τ|) and add it to
     ``state`` in place: one comparison, one product and two additions per
     sign, no temporaries of the tensor's size beyond two reused buffers."""
-    mask = torch.empty(delta.shape, dtype=torch.bool)
+    mask = torch.empty(delta.shape, dtype=torch.bool, device=delta.device)
     part = torch.empty_like(delta)
     # with threshold > 0 a kept value is non-zero and its sign picks the side;
     # with threshold 0 everything is kept and zeros belong to neither side
@@ -68,8 +68,7 @@ def disjoint_merge(state: dict[str, Tensor], aggregate: str) -> Tensor:
         neg = state["neg_sum"] / state["neg_count"].clamp(min=1)
     else:
         pos, neg = state["pos_sum"], state["neg_sum"]
-    zero = torch.zeros((), dtype=total.dtype)
-    return torch.where(total > 0, pos, torch.where(total < 0, neg, zero))
+    return torch.where(total > 0, pos, torch.where(total < 0, neg, 0.0))
 
 
 class _TaskThreshold:
