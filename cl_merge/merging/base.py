@@ -172,7 +172,8 @@ class MergeMethod:
 
     # -- hyperparameters
     def validate(self) -> None:
-        """Raise HyperparameterError for out-of-range values (override)."""
+        """Raise HyperparameterError for out-of-range values (override). Types
+        are already checked against the field annotations (``check_hparam_types``)."""
 
     def hparams(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -302,12 +303,12 @@ def require(condition: bool, message: str) -> None:
 def check_fraction(name: str, value: float, *, allow_zero: bool = False, method: str = "") -> None:
     low_ok = value >= 0 if allow_zero else value > 0
     interval = "[0, 1]" if allow_zero else "(0, 1]"
-    require(isinstance(value, (int, float)) and low_ok and value <= 1,
+    require(low_ok and value <= 1,
             f"{method + ': ' if method else ''}{name} must be in {interval}, got {value!r}")
 
 
 def check_nonnegative(name: str, value: float, method: str = "") -> None:
-    require(isinstance(value, (int, float)) and value >= 0,
+    require(value >= 0,
             f"{method + ': ' if method else ''}{name} must be >= 0, got {value!r}")
 
 

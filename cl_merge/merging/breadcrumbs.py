@@ -70,11 +70,10 @@ class Breadcrumbs(MergeMethod):
 
     def validate(self) -> None:
         check_fraction("density", self.density, method=self.name)
-        require(isinstance(self.gamma, (int, float)) and 0 <= self.gamma < 1,
+        require(0 <= self.gamma < 1,
                 f"{self.name}: gamma must be in [0, 1), got {self.gamma!r}")
         require(self.density + self.gamma <= 1 + 1e-12,
                 f"{self.name}: density + gamma must be <= 1, got {self.density} + {self.gamma}")
-        require(isinstance(self.scaling, (int, float)), f"{self.name}: scaling must be a number, got {self.scaling!r}")
 
     def merge_tensor(self, key, base, deltas, context):
         return self.fold_tensor(key, base, deltas)

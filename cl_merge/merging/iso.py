@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cl_merge.merging._svd import is_svd_matrix, isotropic, mean_of, orthogonalized_merge, truncated_svd
-from cl_merge.merging.base import MergeMethod, check_fraction, require
+from cl_merge.merging.base import MergeMethod, check_fraction
 from cl_merge.merging.registry import register
 from cl_merge.merging.task_arithmetic import sum_of
 
@@ -16,11 +16,6 @@ Tensor = torch.Tensor
 REFERENCE = "https://arxiv.org/abs/2502.04959"
 # the value FusionBench's documentation uses for ViT-B/32 and ViT-L/14 on eight tasks
 DEFAULT_SCALING = 1.5
-
-
-def _check_scaling(method: str, value) -> None:
-    require(isinstance(value, (int, float)) and not isinstance(value, bool),
-            f"{method}: scaling must be a number, got {value!r}")
 
 
 @register
@@ -52,9 +47,6 @@ class IsoC(MergeMethod):
     incremental = True
 
     scaling: float = DEFAULT_SCALING
-
-    def validate(self) -> None:
-        _check_scaling(self.name, self.scaling)
 
     def _merged(self, key: str, base: Tensor, total: Tensor, num_tasks: int) -> Tensor:
         merged = isotropic(total) if is_svd_matrix(key, base) else total / num_tasks
@@ -135,7 +127,6 @@ class IsoCTS(MergeMethod):
     common_space_fraction: float = 0.8
 
     def validate(self) -> None:
-        _check_scaling(self.name, self.scaling)
         check_fraction("common_space_fraction", self.common_space_fraction, allow_zero=True, method=self.name)
 
     def merge_tensor(self, key, base, deltas, context):

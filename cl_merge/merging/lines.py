@@ -114,7 +114,7 @@ class Lines(MergeMethod):
         if self.alpha is not None:
             check_nonnegative("alpha", self.alpha, "lines")
         check_nonnegative("beta", self.beta, "lines")
-        require(self.num_layers is None or (isinstance(self.num_layers, int) and self.num_layers >= 1),
+        require(self.num_layers is None or self.num_layers >= 1,
                 f"lines: num_layers must be a positive integer, got {self.num_layers!r}")
         try:
             self._pattern = re.compile(self.layer_pattern)
@@ -122,8 +122,6 @@ class Lines(MergeMethod):
             raise HyperparameterError(f"lines: invalid layer_pattern {self.layer_pattern!r}: {exc}") from None
         require(self._pattern.groups >= 1,
                 f"lines: layer_pattern {self.layer_pattern!r} needs a capture group for the layer index")
-        require(self.base_hparams is None or isinstance(self.base_hparams, dict),
-                f"lines: base_hparams must be a mapping, got {self.base_hparams!r}")
         require(self.base_method != self.name, "lines: base_method cannot be lines itself")
         hparams = dict(self.base_hparams or {})
         if "scaling" in hparams:

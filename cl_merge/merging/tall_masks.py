@@ -27,13 +27,8 @@ def _check_lambda(method: str, value) -> None:
     values = value if isinstance(value, (list, tuple)) else [value]
     require(len(values) > 0, f"{method}: tall_lambda must be a number or a non-empty list of numbers")
     for v in values:
-        require(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+        require(v >= 0,
                 f"{method}: tall_lambda must be >= 0 (a number or one per task), got {value!r}")
-
-
-def _check_scaling(method: str, value) -> None:
-    require(isinstance(value, (int, float)) and not isinstance(value, bool),
-            f"{method}: scaling must be a number, got {value!r}")
 
 
 def task_lambdas(method: str, tall_lambda, num_tasks: int) -> list[float]:
@@ -100,7 +95,6 @@ class TallMasks(MergeMethod):
 
     def validate(self) -> None:
         _check_lambda(self.name, self.tall_lambda)
-        _check_scaling(self.name, self.scaling)
 
     def prepare(self, stream: TensorStream) -> _TallContext:
         return _TallContext(task_lambdas(self.name, self.tall_lambda, stream.num_models), stream.pretrained)
@@ -146,9 +140,7 @@ class Consensus(MergeMethod):
 
     def validate(self) -> None:
         _check_lambda(self.name, self.tall_lambda)
-        _check_scaling(self.name, self.scaling)
-        require(isinstance(self.min_agreement, int) and not isinstance(self.min_agreement, bool)
-                and self.min_agreement >= 0,
+        require(self.min_agreement >= 0,
                 f"{self.name}: min_agreement must be an integer >= 0, got {self.min_agreement!r}")
 
     def prepare(self, stream: TensorStream) -> list[float]:

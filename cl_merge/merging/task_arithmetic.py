@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cl_merge.merging.base import MergeMethod, require
+from cl_merge.merging.base import MergeMethod
 from cl_merge.merging.registry import register
 
 
@@ -49,9 +49,6 @@ class TaskArithmetic(MergeMethod):
     elementwise = True
 
     scaling: float = 0.3
-
-    def validate(self) -> None:
-        require(isinstance(self.scaling, (int, float)), f"task_arithmetic: scaling must be a number, got {self.scaling!r}")
 
     def merge_tensor(self, key, base, weights, context):
         # weights, not deltas: the engine feeds cache-sized chunks and the

@@ -130,7 +130,6 @@ class Ties(MergeMethod):
 
     def validate(self) -> None:
         check_fraction("density", self.density, method=self.name)
-        require(isinstance(self.scaling, (int, float)), f"{self.name}: scaling must be a number, got {self.scaling!r}")
         require(self.topk_scope in TOPK_SCOPES,
                 f"{self.name}: topk_scope must be one of {', '.join(TOPK_SCOPES)}, got {self.topk_scope!r}")
         require(self.aggregate in AGGREGATES,

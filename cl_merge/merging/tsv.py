@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cl_merge.merging._svd import is_svd_matrix, mean_of, orthogonalized_merge, truncated_svd
-from cl_merge.merging.base import MergeMethod, require
+from cl_merge.merging.base import MergeMethod
 from cl_merge.merging.registry import register
 
 Tensor = torch.Tensor
@@ -56,10 +56,6 @@ class TSVMerge(MergeMethod):
     reference = "https://arxiv.org/abs/2412.00081"
 
     scaling: float = 1.0
-
-    def validate(self) -> None:
-        require(isinstance(self.scaling, (int, float)) and not isinstance(self.scaling, bool),
-                f"{self.name}: scaling must be a number, got {self.scaling!r}")
 
     def merge_tensor(self, key, base, deltas, context):
         merged = tsv_merge_matrix(deltas) if is_svd_matrix(key, base) else mean_of(deltas)
