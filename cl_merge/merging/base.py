@@ -423,8 +423,9 @@ def _run(method, pre, fts, plan, check, progress, device):
             stream.load(key)  # raises, naming the input and tensor
             stream.check = False
             raise MergeInputError(f"merging {key!r} produced NaN/Inf from finite inputs (overflow in {result.dtype})")
-        cast = result.detach().to(device="cpu", dtype=out_dtype)
-        if check and not _all_finite(cast):
+        cast = result.to(device="cpu", dtype=out_dtype)  # inputs were detached: no autograd history
+        # (a lazily checked result that needed no cast was just checked)
+        if check and not (lazy_check and cast is result) and not _all_finite(cast):
             if not _all_finite(result):
                 raise MergeInputError(f"merging {key!r} produced NaN/Inf from finite inputs (overflow in {result.dtype})")
             raise MergeInputError(f"merged tensor {key!r} overflows {out_dtype}: its values exceed the range of "

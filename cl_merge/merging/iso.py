@@ -37,9 +37,16 @@ class IsoC(MergeMethod):
     ViT-B/32 and ViT-L/14 on eight tasks use 1.5, our default.
 
     Incremental: yes. State: the running Σ τ_t per entry (the same size
-    whatever T); the SVD runs when the merged weights are asked for, and the
-    non-matrix entries take the mean as running sum / tasks seen. Batch and
-    incremental forms agree to the bit.
+    whatever T); the decomposition runs when the merged weights are asked
+    for, and the non-matrix entries take the mean as running sum / tasks
+    seen. Batch and incremental forms agree to the bit.
+
+    Algorithm (``cl_merge.merging._svd.isotropic``): instead of a full SVD,
+    one eigendecomposition of the Gram matrix of the sum's small side gives
+    both mean(σ) and the polar factor A·(AᵀA)^(-1/2): float32 when the Gram
+    matrix's condition number is at most 100, float64 otherwise, exact SVD
+    for a numerically singular sum. Error: below a float32 SVD's on the
+    tested spectra (1.4e-7 relative on a random 768×768 sum, against 2.4e-6).
     """
 
     name = "iso_c"
@@ -118,6 +125,12 @@ class IsoCTS(MergeMethod):
     ``scaling`` as Iso-C (1.5; α chosen on validation from {0.1, ..., 3.0}
     by the authors). Not incremental: the common subspace depends on the
     final sum and the residual directions on every task.
+
+    Algorithm: the common triplets and each residual's top triplets come from
+    Gram-matrix eigendecompositions of the small side (``_svd``, precision by
+    condition number as in TSV-M), the polar factors likewise; relative
+    difference from a float64 reference 1.5e-5 on 8 random 768×768 task
+    vectors (a float32 SVD: 2.0e-5).
     """
 
     name = "iso_cts"

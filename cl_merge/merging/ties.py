@@ -91,7 +91,9 @@ class Ties(MergeMethod):
 
     1. Trim: keep each τ_t's top-``density`` entries by magnitude. The count
        is k = max(1, ⌊density·n⌋); the threshold is the exact k-th largest
-       |τ_t| (radix selection, no sort) and every entry with |τ_t| >= it is
+       |τ_t| (no sort: a 1/61 strided sample brackets it and one counting
+       pass pins it, radix selection if the bracket misses; see
+       ``cl_merge.merging._topk``) and every entry with |τ_t| >= it is
        kept, so ties *at* the threshold are all kept (k or more entries).
        The authors' code uses the same ``>=`` rule but with the k-th smallest
        of the complement, which keeps ⌊density·n⌋ + 1 entries (FusionBench

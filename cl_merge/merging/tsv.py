@@ -47,9 +47,19 @@ class TSVMerge(MergeMethod):
     defined. With one task the result is τ itself.
 
     ``scaling``: 1.0, FusionBench's default (``alpha: 1``); the authors' code
-    selects α on validation data from {0.1, ..., 3.0}. SVDs in float32 as the
-    authors' code. Not incremental: the polar factors need every task's
-    triplets at once.
+    selects α on validation data from {0.1, ..., 3.0}. Not incremental: the
+    polar factors need every task's triplets at once.
+
+    Algorithm (``cl_merge.merging._svd``): the authors and FusionBench take a
+    full float32 SVD of every τ_t and of U and V. Here each task's top k
+    triplets come from the eigendecomposition of the Gram matrix of τ_t's
+    small side, and each polar factor from that of U's (V's) small side, in
+    float32 when the Gram matrix's condition number is at most 100 and in
+    float64 otherwise (exact SVD for numerically rank-deficient blocks).
+    Error: at most ~10× a float32 SVD's (relative ~1e-6 per triplet); on
+    8 random 768×768 task vectors the merged matrix differs from a float64
+    reference by 1.7e-5 relative (a float32 SVD: 7.2e-5), and agrees with
+    the exact algorithm to < 5e-5 in the tests.
     """
 
     name = "tsv_m"
