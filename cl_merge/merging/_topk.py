@@ -135,18 +135,24 @@ class BracketedKth:
         expected = k * s / n  # rank of the k-th largest within the sample
         margin = 8.0 * math.sqrt(max(expected * (1 - expected / max(s, 1)), 1.0)) + 16
         hi_rank, lo_rank = int(math.floor(expected - margin)), int(math.ceil(expected + margin))
-        ordered = torch.sort(sample, descending=True).values if s else sample
-        self.hi = float(ordered[hi_rank - 1]) if hi_rank >= 1 else math.inf
-        self.lo = float(ordered[lo_rank - 1]) if lo_rank <= s else 0.0
+        sample = sample.float()  # two order statistics: selection, not a sort
+        self.hi = float(torch.kthvalue(sample, s - hi_rank + 1).values) if hi_rank >= 1 else math.inf
+        self.lo = float(torch.kthvalue(sample, s - lo_rank + 1).values) if lo_rank <= s else 0.0
         self.above = 0
         self._inside: list[Tensor] = []
+        self._buffers: tuple[Tensor, Tensor] | None = None
 
     def feed(self, magnitude: Tensor) -> None:
-        """``magnitude``: |x| of a chunk (float32)."""
+        """``magnitude``: |x| of a chunk. Comparisons go into 0/1 float
+        buffers (bool kernels are several times slower per element)."""
+        if self._buffers is None or self._buffers[0].shape != magnitude.shape \
+                or self._buffers[0].dtype != magnitude.dtype or self._buffers[0].device != magnitude.device:
+            self._buffers = (torch.empty_like(magnitude), torch.empty_like(magnitude))
+        low, high = self._buffers
         if self.hi < math.inf:
-            self.above += int(torch.count_nonzero(magnitude > self.hi))
-        inside = (magnitude >= self.lo) & (magnitude <= self.hi)
-        self._inside.append(magnitude[inside])
+            self.above += int(torch.gt(magnitude, self.hi, out=high).sum())
+        torch.ge(magnitude, self.lo, out=low).mul_(torch.le(magnitude, self.hi, out=high))
+        self._inside.append(magnitude[low.bool()])
 
     def threshold(self) -> float | None:
         inside = torch.cat(self._inside).float().cpu() if self._inside else torch.zeros(0)
