@@ -65,12 +65,14 @@ def _svd_dtype(matrix: Tensor) -> torch.dtype:
     return torch.float64 if matrix.dtype == torch.float64 else torch.float32
 
 
-def _gram_eigh(matrix: Tensor, lowest: int):
+def _gram_eigh(matrix: Tensor, lowest: int, left: bool = False):
     """Eigendecomposition of the small side's Gram matrix, in the cheapest
     precision that meets the condition rule for eigenvalue index ``lowest``
     (counted from the largest, 0-based). Returns (λ descending, vectors,
-    wide) or None when even float64 is not accurate enough."""
-    wide = matrix.shape[0] < matrix.shape[1]
+    wide) or None when even float64 is not accurate enough. ``left``: use
+    AAᵀ for a square matrix too (its eigenvectors are the left singular
+    vectors)."""
+    wide = matrix.shape[0] < matrix.shape[1] or (left and matrix.shape[0] == matrix.shape[1])
     dtypes = (torch.float64,) if matrix.dtype == torch.float64 else (torch.float32, torch.float64)
     for dtype, max_cond in zip(dtypes, (FP32_MAX_COND, FP64_MAX_COND)[-len(dtypes):]):
         a = matrix.to(dtype)
@@ -114,6 +116,25 @@ def top_singular_triplets(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Te
 
 # the name the strategies use
 truncated_svd = top_singular_triplets
+
+
+def top_triplets_and_left_complement(matrix: Tensor, rank: int):
+    """Top ``rank`` triplets of an m×n matrix with m <= n, plus an orthonormal
+    basis [m, m − rank] of the orthogonal complement of their left vectors
+    (the other eigenvectors of AAᵀ), or None for the complement when the
+    exact SVD path was taken."""
+    m, n = matrix.shape
+    if m > n or m < EXACT_BELOW or rank < 1:
+        return (*top_singular_triplets(matrix, rank), None)
+    found = _gram_eigh(matrix, rank - 1, left=True)
+    if found is None:
+        return (*exact_truncated_svd(matrix, rank), None)
+    lam, vec, _wide = found
+    sigma = lam[:rank].sqrt()
+    u = vec[:, :rank]
+    vh = (u.T @ matrix.to(lam.dtype)) / sigma[:, None]
+    out = matrix.dtype
+    return u.to(out), sigma.to(out), vh.to(out), vec[:, rank:].to(out)
 
 
 def _polar_and_spectrum(matrix: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-from cl_merge.merging._svd import is_svd_matrix, isotropic, mean_of, orthogonalized_merge, truncated_svd
+from cl_merge.merging._svd import (
+    is_svd_matrix,
+    isotropic,
+    mean_of,
+    orthogonalized_merge,
+    top_triplets_and_left_complement,
+    truncated_svd,
+)
 from cl_merge.merging.base import MergeMethod, check_fraction
 from cl_merge.merging.registry import register
 from cl_merge.merging.task_arithmetic import sum_of
@@ -91,10 +98,20 @@ def cts_split(rank: int, num_tasks: int, common_space_fraction: float) -> tuple[
 def iso_cts_matrix(deltas: list[Tensor], common_space_fraction: float) -> Tensor:
     """Iso-CTS for one matrix (see ``IsoCTS``)."""
     common, per_task = cts_split(min(deltas[0].shape), len(deltas), common_space_fraction)
-    u_c, s_c, vh_c = truncated_svd(sum_of(deltas), common)
+    # for m <= n the eigendecomposition of the sum's AAᵀ also gives a basis Q⊥
+    # of the complement of U_c: (I − U_c U_cᵀ) τ_t = Q⊥ (Q⊥ᵀ τ_t), whose SVD
+    # comes from the small (m − k)×(m − k) Gram matrix of Q⊥ᵀ τ_t
+    u_c, s_c, vh_c, complement = top_triplets_and_left_complement(sum_of(deltas), common) \
+        if per_task > 0 else (*truncated_svd(sum_of(deltas), common), None)
     us, ss, vhs = [u_c], [s_c], [vh_c]
     if per_task > 0:
         for delta in deltas:
+            if complement is not None:
+                u, s, vh = truncated_svd(complement.T @ delta, per_task)
+                us.append(complement @ u)
+                ss.append(s)
+                vhs.append(vh)
+                continue
             # τ_t without its component in the common subspace: (I − U_c U_cᵀ) τ_t
             residual = delta - u_c @ (u_c.T @ delta)
             u, s, vh = truncated_svd(residual, per_task)
