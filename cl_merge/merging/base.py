@@ -280,6 +280,8 @@ def check_hparam_types(method) -> None:
     for field in dataclasses.fields(method):
         hint = hints.get(field.name, Any)
         value = getattr(method, field.name)
+        if value is field.default:
+            continue  # the strategy's own default (e.g. None standing for "derived") is trusted
         if not _type_ok(value, hint):
             if isinstance(value, float) and not math.isfinite(value):
                 raise HyperparameterError(f"{method.name}: {field.name} must be finite, got {value!r}")
