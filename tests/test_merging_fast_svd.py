@@ -91,9 +91,9 @@ def test_isotropic_matches_the_exact_svd(fast, spectrum):
 
 def test_tsv_and_iso_cts_fast_agree_with_exact(fast):
     gen = torch.Generator().manual_seed(3)
-    for m, n in [(64, 64), (96, 48), (48, 96)]:
+    for m, n in [(48, 40), (40, 64)]:
         deltas = [with_spectrum(gen, m, n, torch.logspace(0, -1.5, min(m, n), dtype=torch.float64)) * 0.01
-                  for _ in range(4)]
+                  for _ in range(3)]
         assert rel(tsv_merge_matrix(deltas), exact(tsv_merge_matrix, [d.double() for d in deltas])) < 5e-5
         assert rel(iso_cts_matrix(deltas, 0.8), exact(iso_cts_matrix, [d.double() for d in deltas], 0.8)) < 5e-5
 
