@@ -21,6 +21,9 @@ float32 for every decomposition; these give the same quantities faster):
   float64 when σ_1²/σ_rank² ≤ ``FP64_MAX_COND`` (1e10: error below ~1e-6),
   and falls back to an exact float32 SVD otherwise (a numerically
   rank-deficient block, where the vectors are not determined anyway).
+  Where all eigenvalues matter (polar factors), a Cholesky factorisation
+  first bounds the condition number from below and skips the float32 attempt
+  when it cannot pass.
 - ``polar_factor``: A·(AᵀA)^(-1/2) (or (AAᵀ)^(-1/2)·A for a wide matrix) from
   the eigendecomposition of the small side's Gram matrix; the condition rule
   is the same with σ_rank replaced by the smallest singular value (error
@@ -77,6 +80,9 @@ def _gram_eigh(matrix: Tensor, lowest: int, left: bool = False):
     for dtype, max_cond in zip(dtypes, (FP32_MAX_COND, FP64_MAX_COND)[-len(dtypes):]):
         a = matrix.to(dtype)
         gram = a @ a.T if wide else a.T @ a
+        if dtype == torch.float32 and lowest == min(matrix.shape) - 1 and len(dtypes) > 1 \
+                and not _may_be_conditioned(gram, max_cond):
+            continue  # certainly too ill-conditioned for float32: skip that eigendecomposition
         lam, vec = torch.linalg.eigh(gram)
         lam, vec = lam.flip(0), vec.flip(1)
         top, low = float(lam[0]), float(lam[lowest])
@@ -85,6 +91,18 @@ def _gram_eigh(matrix: Tensor, lowest: int, left: bool = False):
         if low > 0 and top / low <= max_cond:
             return lam, vec, wide
     return None
+
+
+def _may_be_conditioned(gram: Tensor, max_cond: float) -> bool:
+    """Cheap necessary test for cond(gram) <= max_cond: the Cholesky pivots
+    R_ii² of an SPD matrix lie in [λ_min, λ_max], so their spread is a lower
+    bound of the condition number (a failed factorisation: not even PD in
+    this precision). Costs a sixth of the eigendecomposition."""
+    factor, info = torch.linalg.cholesky_ex(gram)
+    if int(info) != 0:
+        return False
+    pivots = factor.diagonal().square()
+    return float(pivots.max()) <= max_cond * float(pivots.min())
 
 
 def exact_truncated_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
