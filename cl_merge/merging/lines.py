@@ -174,7 +174,7 @@ class Lines(MergeMethod):
         if not self._sum_base:
             sub = TensorStream(stream.pretrained, stream.finetuned, stream.keys, stream.compute_dtype,
                                check=stream.check, deltas_given=stream.deltas_given,
-                               raw_weights=self._base.uses_weights)
+                               raw_weights=self._base.uses_weights, device=stream.device)
             base_context = self._base.prepare(sub)
         context = _LinesContext(depth, 0.0, base_context)
         num_models = stream.num_models
