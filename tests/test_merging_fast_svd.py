@@ -157,3 +157,18 @@ def test_ties_global_threshold_with_skewed_tensors_equals_sorted_topk():
     expected = sum(torch.where(t * sign > 0, t, torch.zeros(())) for t in trimmed)
     torch.testing.assert_close(torch.cat([merged["a"].reshape(-1), merged["b"]]), expected)
     assert merged["c"].shape == (0,)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_per_tensor_chunked_fold_equals_incremental(method):
+    # a tensor above the chunk size takes the chunked per-tensor path in batch form
+    gen = torch.Generator().manual_seed(8)
+    pre = {"w": torch.randn(300, 300, generator=gen), "b": torch.randn(7, generator=gen)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in pre.items()} for _ in range(3)]
+    hp = {"topk_scope": "per_tensor", "density": 0.3}
+    batch = merge(pre, fts, method, **hp)
+    merger = cl_merge.merging.incremental_merger(pre, method, **hp)
+    for ft in fts:
+        merger.update_finetuned(ft)
+    for key in pre:
+        assert torch.equal(batch[key], merger.current()[key]), key

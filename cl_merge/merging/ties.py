@@ -219,11 +219,38 @@ class Ties(MergeMethod):
         return context[index] if self.topk_scope == "global" else None
 
     def merge_tensor(self, key, base, deltas, context):
+        thresholds = [self._threshold_for(context, i) for i in range(len(deltas))]
+        if None in thresholds and base.numel() > _FOLD_CHUNK and base.device.type == "cpu":
+            # per-tensor top-k: thresholds first (they need the whole tensor),
+            # then the fold in cache-sized chunks, as the engine does for
+            # entry-wise merges
+            deltas = [self.transform_delta(key, d, i) for i, d in enumerate(deltas)]
+            thresholds = [kth_largest_in_tensor(d, keep_count(self.density, d.numel())) for d in deltas]
+            flat = [d.reshape(-1) for d in deltas]
+            flat_base = base.reshape(-1)
+            out = torch.empty_like(flat_base)
+            for start in range(0, flat_base.numel(), _FOLD_CHUNK):
+                part = slice(start, start + _FOLD_CHUNK)
+                out[part] = self._merge_trimmed(flat_base[part], [(d[part], t) for d, t in zip(flat, thresholds)])
+            return out.view(base.shape)
+        trimmed = []
+        for i, delta in enumerate(deltas):
+            delta = self.transform_delta(key, delta, i)
+            if delta.numel() == 0:
+                continue  # nothing to trim (an empty tensor)
+            threshold = thresholds[i]
+            if threshold is None:  # per tensor
+                threshold = kth_largest_in_tensor(delta, keep_count(self.density, delta.numel()))
+            trimmed.append((delta, threshold))
+        return self._merge_trimmed(base, trimmed)
+
+    def _merge_trimmed(self, base: Tensor, trimmed: list[tuple[Tensor, float]]) -> Tensor:
+        """θ0 + scaling · disjoint merge of the (τ_t, threshold_t) pairs."""
         state = empty_sign_state(base)
         if self.aggregate == "sum":  # the counts only serve the disjoint mean
             del state["pos_count"], state["neg_count"]
-        for i, delta in enumerate(deltas):
-            self._fold(state, key, delta, i, self._threshold_for(context, i))
+        for delta, threshold in trimmed:
+            fold_trimmed_(state, delta, threshold)
         return base + self.scaling * disjoint_merge(state, self.aggregate)
 
     # -- incremental form
@@ -252,6 +279,7 @@ class Ties(MergeMethod):
 
 
 _PASS_CHUNK = 1 << 18  # entries per chunk of the counting pass (1 MiB of float32)
+_FOLD_CHUNK = 1 << 16  # entries per chunk of a per-tensor fold (state and inputs stay in cache)
 
 
 def _numel(shape) -> int:
