@@ -19,8 +19,19 @@ of the inputs' page cache that an mmap reader touches).
     python scripts/bench_merge.py --methods task_arithmetic,ties,ties:topk_scope=per_tensor
     python scripts/bench_merge.py --models 2,4,8 --modes stream --methods task_arithmetic
     python scripts/bench_merge.py --against fusion_bench
+    python scripts/bench_merge.py --device cuda --methods ties,tsv_m --models 8,20
 
-A method spec is ``name`` or ``name:param=value:param=value``.
+A method spec is ``name`` or ``name:param=value:param=value``. Besides wall
+time, each run reports its process CPU time (all threads): on a shared,
+loaded machine the ratio of CPU times is the steadier comparison.
+
+``--against fusion_bench`` times FusionBench 0.2.x's own functions on the
+same inputs (task arithmetic through its state-dict helpers, TIES through
+``ties_merging``, TSV-M through ``compute_and_sum_svd_mem_reduction``, Iso-C
+and Iso-CTS through ``iso_c`` / ``iso_cts``), each in its own process, with
+the hyperparameters of our matching rows (TIES: density 0.2 = its
+``reset_thresh=20``, disjoint sum). FusionBench must be importable by the
+interpreter given with ``--fb-python`` (default: this one).
 """
 
 from __future__ import annotations
@@ -38,7 +49,12 @@ from pathlib import Path
 
 GB = 1e9
 FLOOR = "read pass (floor)"
-FB_METHODS = ("fusion_bench:task_arithmetic", "fusion_bench:ties")
+FB_METHODS = ("fusion_bench:task_arithmetic", "fusion_bench:ties", "fusion_bench:tsv_m", "fusion_bench:iso_c",
+              "fusion_bench:iso_cts")
+# our spec timed against each FusionBench row (same hyperparameters)
+FB_COUNTERPART = {"task_arithmetic": ("task_arithmetic",),
+                  "ties": ("ties:aggregate=sum:scaling=0.3", "ties:aggregate=sum:scaling=0.3:topk_scope=per_tensor"),
+                  "tsv_m": ("tsv_m",), "iso_c": ("iso_c",), "iso_cts": ("iso_cts",)}
 
 
 # ----------------------------------------------------------------- inputs
@@ -143,6 +159,31 @@ def fusion_bench_merge(kind: str, pre: dict, fts: list[dict]):
             tv = state_dict_sub(ft, pre)
             total = tv if total is None else state_dict_add(total, tv)
         return state_dict_add(pre, state_dict_mul(total, 0.3))
+    if kind in ("tsv_m", "iso_c", "iso_cts"):
+        import contextlib
+        import io
+
+        from fusion_bench.utils.state_dict_arithmetic import state_dict_add, state_dict_mul, state_dict_sub
+
+        tvs = [state_dict_sub(ft, pre) for ft in fts]
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per tensor
+            if kind == "tsv_m":
+                from fusion_bench.method.task_singular_vector.utils.TSVM_utils import (
+                    compute_and_sum_svd_mem_reduction,
+                )
+
+                merged_tv = compute_and_sum_svd_mem_reduction(tvs, exclude_keys=[], accelerator="cpu")
+                scale = 1.0
+            else:
+                from fusion_bench.method.isotropic_merging import iso_utils
+
+                if kind == "iso_c":
+                    merged_tv = iso_utils.iso_c(tvs, accelerator="cpu", exclude_keys=[])
+                else:
+                    merged_tv = iso_utils.iso_cts(tvs, common_space_fraction=0.8, accelerator="cpu",
+                                                  exclude_keys=[])
+                scale = 1.5
+        return state_dict_add(pre, state_dict_mul(merged_tv, scale))
     from fusion_bench.method.ties_merging.ties_merging_utils import (
         state_dict_to_vector,
         ties_merging,
@@ -193,32 +234,35 @@ def worker(job: dict) -> dict:
                 strategy = get_method(name, **hparams)
             except ClMergeError as exc:
                 return {"error": str(exc)}
-            run = lambda: run_merge(strategy, pre, fts)  # noqa: E731
+            device = job.get("device")
+            run = lambda: run_merge(strategy, pre, fts, device=device)  # noqa: E731
         # warm up the thread pool and allocator on a tiny merge (not timed)
         tiny = {"w": torch.ones(64, 64)}
         cl_merge.merge(tiny, [tiny, tiny])
         with PeakSampler() as sampler:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             try:
                 result = run()
             except ClMergeError as exc:
                 return {"error": str(exc).splitlines()[0][:80]}
-            seconds = time.perf_counter() - start
+            seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         del result
         # fast runs are repeated (best of up to `repeat`): the machine may be shared
         for _ in range(job.get("repeat", 3) - 1):
             if seconds > 20:
                 break
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             run()
             seconds = min(seconds, time.perf_counter() - start)
-    return {"seconds": seconds, "peak_rss_gb": (sampler.peak_rss - sampler.base_rss) * 1024 / GB,
+            cpu = min(cpu, time.process_time() - cpu_start)
+    return {"seconds": seconds, "cpu_seconds": cpu,
+            "peak_rss_gb": (sampler.peak_rss - sampler.base_rss) * 1024 / GB,
             "peak_anon_gb": (sampler.peak_anon - sampler.base_anon) * 1024 / GB, "cl_merge": cl_merge.__version__}
 
 
 # ----------------------------------------------------------------- driver
-def run_job(job: dict, timeout: float) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)]
+def run_job(job: dict, timeout: float, python: str | None = None) -> dict:
+    cmd = [python or sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -248,7 +292,10 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", default="", help="comma-separated method names to leave out (e.g. slow SVD ones)")
     parser.add_argument("--modes", default="memory,stream", help="memory, stream or both")
     parser.add_argument("--quick", action="store_true", help="small ViT shapes (4 blocks of width 192)")
-    parser.add_argument("--against", default=None, choices=["fusion_bench"], help="also time FusionBench TA and TIES")
+    parser.add_argument("--against", default=None, choices=["fusion_bench"],
+                        help="also time FusionBench's TA, TIES, TSV-M, Iso-C and Iso-CTS on the same inputs")
+    parser.add_argument("--fb-python", default=None, help="interpreter that can import fusion_bench (default: this one)")
+    parser.add_argument("--device", default=None, help="run our merges on this device (e.g. cuda); inputs stay on the CPU")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads per run (0: torch's default; 1 is steadier on a busy machine)")
@@ -266,7 +313,11 @@ def main(argv=None) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else default_methods()
     methods = [m for m in methods if m.split(":")[0] not in skip]
     if args.against == "fusion_bench":
-        methods += list(FB_METHODS)
+        wanted = {m.split(":")[0] for m in methods}
+        methods += [fb for fb in FB_METHODS if fb.split(":", 1)[1] in wanted]
+        methods += [spec for n in sorted(wanted) for spec in FB_COUNTERPART.get(n, ()) if spec not in methods]
+        # FusionBench's TIES holds several flattened copies of all models: run it last
+        methods.sort(key=lambda spec: spec == "fusion_bench:ties")
 
     folder = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_merge_"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -286,9 +337,10 @@ def main(argv=None) -> int:
                 for spec in methods:
                     if spec.startswith("fusion_bench:") and mode != "memory":
                         continue
+                    is_fb = spec.startswith("fusion_bench:")
                     result = run_job({"paths": job_paths, "method": spec, "mode": mode, "repeat": args.repeat,
-                                  "threads": args.threads},
-                                     args.timeout)
+                                      "threads": args.threads, "device": None if is_fb else args.device},
+                                     args.timeout, args.fb_python if is_fb else None)
                     rows.append((spec, mode, count, result, floor.get("seconds")))
                     print(f"  {spec} [{mode}, N={count}]: {result}", file=sys.stderr)
         print(format_table(rows, quick=args.quick))
@@ -301,23 +353,25 @@ def main(argv=None) -> int:
 def format_table(rows, quick: bool) -> str:
     shape = "ViT-B/32-like quick shapes (4×192)" if quick else "open_clip ViT-B-32 visual (87.8M params, fp32)"
     out = [f"Inputs: {shape}; peak memory is above the level before the merge.", "",
-           "| method | mode | N | time (s) | × read floor | peak ΔRSS (GB) | peak ΔAnon (GB) |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+           "| method | mode | N | time (s) | CPU (s) | × read floor | peak ΔRSS (GB) | peak ΔAnon (GB) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
     fb = {}
     for spec, mode, count, result, floor in rows:
         if "error" in result:
-            out.append(f"| {spec} | {mode} | {count} | {result['error']} | | | |")
+            out.append(f"| {spec} | {mode} | {count} | {result['error']} | | | | |")
             continue
         ratio = f"{result['seconds'] / floor:.1f}" if floor else ""
-        out.append(f"| {spec} | {mode} | {count} | {result['seconds']:.2f} | {ratio} | "
-                   f"{result['peak_rss_gb']:.2f} | {result['peak_anon_gb']:.2f} |")
-        fb[(spec, mode, count)] = result["seconds"]
+        out.append(f"| {spec} | {mode} | {count} | {result['seconds']:.2f} | {result.get('cpu_seconds', 0):.2f} | "
+                   f"{ratio} | {result['peak_rss_gb']:.2f} | {result['peak_anon_gb']:.2f} |")
+        fb[(spec, mode, count)] = (result["seconds"], result.get("cpu_seconds") or result["seconds"])
     ratios = []
-    for kind, ours in (("task_arithmetic", "task_arithmetic"), ("ties", "ties")):
-        for (spec, mode, count), seconds in fb.items():
+    for kind, ours in ((k, spec) for k, specs in FB_COUNTERPART.items() for spec in specs):
+        for (spec, mode, count), (seconds, cpu) in fb.items():
             if spec == f"fusion_bench:{kind}" and (ours, mode, count) in fb:
-                ratios.append(f"- {kind}, N={count}: FusionBench {seconds:.2f} s / cl_merge "
-                              f"{fb[(ours, mode, count)]:.2f} s = {seconds / fb[(ours, mode, count)]:.1f}× faster")
+                mine, mine_cpu = fb[(ours, mode, count)]
+                ratios.append(f"- {ours} vs FusionBench {kind}, N={count}: FusionBench {seconds:.2f} s (CPU {cpu:.2f} s) / cl_merge "
+                              f"{mine:.2f} s (CPU {mine_cpu:.2f} s) = {seconds / mine:.1f}× faster "
+                              f"(CPU time: {cpu / mine_cpu:.1f}×)")
     if ratios:
         out += ["", "Speed-up over FusionBench (same inputs, same run):", *ratios]
     return "\n".join(out)

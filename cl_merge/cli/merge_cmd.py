@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-shard-size", default=None, metavar="SIZE",
                         help="write sharded safetensors with an index json, shards of at most SIZE (e.g. 2GB, 500MB)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--device", default=None, metavar="DEV",
+                        help="where the arithmetic runs, e.g. cuda or cuda:1 (one tensor at a time; inputs stream "
+                             "from disk, results come back to the CPU, so models larger than GPU memory merge)")
 
 
 # ----------------------------------------------------------------- argument parsing
@@ -141,6 +144,54 @@ def shard_plan(state_dict: Mapping[str, torch.Tensor], max_bytes: int) -> list[l
     return shards
 
 
+def _input_files(path: Path) -> list[Path]:
+    """Every file a checkpoint argument reads: the file, an index json and its
+    shards, or the files of a folder."""
+    path = Path(path)
+    if path.is_dir():
+        return [p for p in path.iterdir() if p.is_file()]
+    files = [path]
+    if path.name.endswith(".index.json") and path.is_file():
+        try:
+            weight_map = json.loads(path.read_text()).get("weight_map", {})
+            files += [path.parent / name for name in set(weight_map.values()) if isinstance(name, str)]
+        except (OSError, ValueError, AttributeError):
+            pass  # the reader reports a bad index
+    return files
+
+
+def _identity(path: Path):
+    try:
+        st = path.stat()
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return None
+
+
+class InputGuard:
+    """Refuses output paths that are one of the inputs (same resolved path or
+    same inode, e.g. a hard link), so a merge never overwrites what it reads."""
+
+    def __init__(self, inputs: Sequence[str | Path]):
+        self.paths: dict[Path, str] = {}
+        self.inodes: dict[tuple[int, int], str] = {}
+        for given in inputs:
+            for file in _input_files(Path(given)):
+                self.paths[file.resolve()] = str(given)
+                ident = _identity(file)
+                if ident is not None:
+                    self.inodes[ident] = str(given)
+
+    def check(self, out: Path) -> None:
+        clash = self.paths.get(Path(out).resolve())
+        ident = _identity(Path(out))
+        if clash is None and ident is not None:
+            clash = self.inodes.get(ident)
+        if clash is not None:
+            raise CheckpointError(f"output {out} is the input {clash}: refusing to overwrite an input; "
+                                  "choose another --out")
+
+
 def _check_output(path: Path) -> None:
     if path.is_dir():
         raise CheckpointError(f"output path {path} is a directory; give a file name such as {path / 'merged.safetensors'}")
@@ -149,7 +200,8 @@ def _check_output(path: Path) -> None:
 
 
 def write_state_dict(state_dict: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str],
-                     max_shard_size: int | None, stack: contextlib.ExitStack) -> Path:
+                     max_shard_size: int | None, stack: contextlib.ExitStack,
+                     guard: InputGuard | None = None) -> Path:
     """Write to temp files registered on ``stack``; they are renamed into
     place only when the whole stack exits without error. Returns the path to
     open the result with (the index json when sharded)."""
@@ -158,6 +210,8 @@ def write_state_dict(state_dict: Mapping[str, torch.Tensor], path: Path, metadat
     from cl_merge.core.io import atomic_path, atomic_write
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    check = guard.check if guard is not None else (lambda _path: None)
+    check(path)
     if path.suffix in TORCH_SUFFIXES:
         if max_shard_size is not None:
             raise CheckpointError(f"--max-shard-size needs a .safetensors output, got {path}")
@@ -174,9 +228,11 @@ def write_state_dict(state_dict: Mapping[str, torch.Tensor], path: Path, metadat
     weight_map = {}
     for i, keys in enumerate(groups):
         shard = path.with_name(f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors")
+        check(shard)
         save_file({k: tensors[k] for k in keys}, str(stack.enter_context(atomic_path(shard))), metadata=meta)
         weight_map.update({k: shard.name for k in keys})
     index = path.with_name(path.name + ".index.json")
+    check(index)
     total = sum(v.numel() * v.element_size() for v in tensors.values())
     handle = stack.enter_context(atomic_write(index, "w"))
     json.dump({"metadata": {"total_size": total, **meta}, "weight_map": weight_map}, handle, indent=2)
@@ -216,7 +272,7 @@ def merge_files(pretrained: str | Path, finetuned: Sequence[str | Path], out: st
                 method: str = "task_arithmetic", hparams: Mapping[str, Any] | None = None,
                 include: Sequence[str] | None = None, exclude: Sequence[str] = (),
                 task_vectors: bool = False, check_finite: bool = True,
-                max_shard_size: int | None = None, progress: bool = False) -> list[Path]:
+                max_shard_size: int | None = None, progress: bool = False, device: str | None = None) -> list[Path]:
     """Merge checkpoint files; returns the paths to open the results with
     (the merged model, then one per task for per-task strategies). All
     files are written, or none."""
@@ -224,11 +280,19 @@ def merge_files(pretrained: str | Path, finetuned: Sequence[str | Path], out: st
     from cl_merge.core.state_dict import make_filter, plan_merge
     from cl_merge.merging import PerTaskMergeResult, get_method, run_merge
 
+    from cl_merge.merging.base import resolve_device
+
     out = Path(out)
     _check_output(out)
     strategy = get_method(method, **dict(hparams or {}))
     if not finetuned:
         raise MergeInputError("the list of fine-tuned models is empty: give at least one")
+    resolve_device(device)  # a missing GPU fails here, before anything is read
+    guard = InputGuard([pretrained, *finetuned])
+    guard.check(out)
+    if strategy.per_task:
+        for i in range(len(finetuned)):
+            guard.check(task_output_path(out, i))
     key_filter = make_filter(list(include) if include is not None else None, list(exclude))
     with contextlib.ExitStack() as readers:
         pre = readers.enter_context(open_checkpoint(pretrained))
@@ -237,7 +301,7 @@ def merge_files(pretrained: str | Path, finetuned: Sequence[str | Path], out: st
             fts = [TaskVectorSource(tv, pre, key_filter) for tv in fts]
         plan = plan_merge(pre, fts, key_filter)  # fails early, before any tensor is read
         merged = run_merge(strategy, pre, fts, key_filter=key_filter, check=check_finite,
-                           progress=_progress(len(plan.merge_keys), progress))
+                           progress=_progress(len(plan.merge_keys), progress), device=device)
         metadata = {
             "cl_merge_method": strategy.name,
             "cl_merge_hparams": json.dumps(strategy.hparams(), default=str, sort_keys=True),
@@ -247,12 +311,13 @@ def merge_files(pretrained: str | Path, finetuned: Sequence[str | Path], out: st
         with contextlib.ExitStack() as outputs:
             if isinstance(merged, PerTaskMergeResult):
                 written = [write_state_dict(dict(merged.shared), out, {**metadata, "cl_merge_part": "shared"},
-                                            max_shard_size, outputs)]
+                                            max_shard_size, outputs, guard)]
                 for i in range(merged.num_tasks):
                     written.append(write_state_dict(merged.task_state_dict(i), task_output_path(out, i),
-                                                {**metadata, "cl_merge_part": f"task{i}"}, max_shard_size, outputs))
+                                                {**metadata, "cl_merge_part": f"task{i}"}, max_shard_size, outputs,
+                                                guard))
             else:
-                written = [write_state_dict(merged, out, metadata, max_shard_size, outputs)]
+                written = [write_state_dict(merged, out, metadata, max_shard_size, outputs, guard)]
     return written
 
 
@@ -263,6 +328,7 @@ def main(args: argparse.Namespace) -> int:
         args.pretrained, args.finetuned, args.out, method=args.method, hparams=hparams,
         include=args.include, exclude=args.exclude, task_vectors=args.task_vectors,
         check_finite=not args.no_check_finite, max_shard_size=max_shard, progress=not args.no_progress,
+        device=args.device,
     )
     for path in written:
         print(path)

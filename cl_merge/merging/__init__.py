@@ -13,7 +13,7 @@ import torch
 
 from cl_merge.core.state_dict import make_filter
 from cl_merge.errors import HyperparameterError, MergeInputError
-from cl_merge.merging.base import MergeMethod, PerTaskMergeResult, TensorStream, run_merge
+from cl_merge.merging.base import MergeMethod, PerTaskMergeResult, TensorStream, as_model_list, resolve_device, run_merge
 from cl_merge.merging.incremental import IncrementalMerger
 from cl_merge.merging.context import MergeContext
 from cl_merge.merging.lifecycle import (
@@ -48,6 +48,7 @@ def merge(
     check_finite: bool = True,
     model=None,
     data=None,
+    device=None,
     **hparams,
 ):
     """Merge fine-tuned models that share the pretrained model ``pretrained``.
@@ -65,6 +66,10 @@ def merge(
     model; a batch is passed as ``model(b)`` (tensor), ``model(*b)``
     (tuple/list) or ``model(**b)`` (dict). Strategies with a running state
     of their own (``opcm``) absorb the models in list order.
+
+    ``device`` (e.g. ``"cuda"``): run the arithmetic there, one entry at a
+    time, results back on the CPU. Inputs may require grad: the merge runs
+    under ``torch.no_grad()`` and returns plain tensors.
     """
     if isinstance(method, MergeMethod):
         if hparams:
@@ -77,28 +82,28 @@ def merge(
         if model is not None or data is not None:
             given = "model" if model is not None else "data"
             raise MergeInputError(f"{strategy.name} is data-free: it takes no {given}= (only data-based methods do)")
-        return run_merge(strategy, pretrained, finetuned, key_filter=key_filter, check=check_finite)
-    if finetuned is None or isinstance(finetuned, Mapping) or len(finetuned) == 0:
-        raise MergeInputError("finetuned must be a non-empty list of state dicts")
-    lifecycle = build_strategy(strategy, key_filter=key_filter)
+        return run_merge(strategy, pretrained, finetuned, key_filter=key_filter, check=check_finite, device=device)
+    finetuned = as_model_list(finetuned)
+    lifecycle = build_strategy(strategy, key_filter=key_filter, device=device)
     context = None
     if model is not None or "model" in lifecycle.needs:
-        context = MergeContext(module=model)
+        context = MergeContext(module=model, device=resolve_device(device) or "cpu")
         context.check_keys(pretrained)
     return merge_with_strategy(lifecycle, pretrained, finetuned, context=context, data=data)
 
 
 def incremental_merger(pretrained: Mapping[str, Tensor], method: str = "task_arithmetic", *,
-                       include=None, exclude=None, **hparams) -> IncrementalMerger:
-    """Running merge, one task vector at a time (``.update(tv)``, ``.current()``)."""
+                       include=None, exclude=None, device=None, **hparams) -> IncrementalMerger:
+    """Running merge, one task vector at a time (``.update(tv)``, ``.current()``).
+    ``device``: where each update runs (the state stays on the CPU)."""
     strategy = get_method(method, **hparams)
     if getattr(strategy, "create_strategy", None) is not None:
-        lifecycle = build_strategy(strategy, key_filter=make_filter(include, exclude), continual=True)
+        lifecycle = build_strategy(strategy, key_filter=make_filter(include, exclude), device=device, continual=True)
         if not lifecycle.incremental:
             raise HyperparameterError(f"{strategy.name} has no incremental form; merge the task vectors in one batch")
         lifecycle.start(pretrained)
         return lifecycle
-    return IncrementalMerger(strategy, pretrained, make_filter(include, exclude))
+    return IncrementalMerger(strategy, pretrained, make_filter(include, exclude), device=device)
 
 
 __all__ = [

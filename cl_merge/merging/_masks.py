@@ -14,7 +14,7 @@ Tensor = torch.Tensor
 def pack_masks(masks: list[Tensor]) -> Tensor:
     """Bool tensors of one shape -> uint8 tensor [ceil(T/8), *shape]."""
     shape = masks[0].shape
-    packed = torch.zeros((len(masks) + 7) // 8, *shape, dtype=torch.uint8)
+    packed = torch.zeros((len(masks) + 7) // 8, *shape, dtype=torch.uint8, device=masks[0].device)
     for t, mask in enumerate(masks):
         packed[t // 8] |= mask.to(torch.uint8) << (t % 8)
     return packed

