@@ -39,8 +39,14 @@ def count_for(method):
     return 2 if method in ("slerp", "model_stock") else 3
 
 
+def _data_free(name):
+    from cl_merge.merging import build_strategy, get_method
+
+    return "model" not in build_strategy(get_method(name)).needs
+
+
 # ------------------------------------------------------------------ autograd inputs
-@pytest.mark.parametrize("method", available_methods())
+@pytest.mark.parametrize("method", [m for m in available_methods() if _data_free(m)])
 def test_requires_grad_inputs_merge_to_plain_tensors(method):
     pre, fts = models(count_for(method), requires_grad=True)
     result = merge(pre, fts, method)
@@ -213,7 +219,7 @@ def test_lines_incremental_needs_no_instance_state():
 
 
 # ------------------------------------------------------------------ device
-@pytest.mark.parametrize("method", available_methods())
+@pytest.mark.parametrize("method", [m for m in available_methods() if _data_free(m)])
 def test_device_cpu_runs_every_strategy_identically(method):
     pre, fts = models(count_for(method))
     plain, on_device = merge(pre, fts, method), merge(pre, fts, method, device="cpu")
