@@ -345,7 +345,8 @@ def _build_plan(scenario, accelerator: str) -> RunPlan:
     missing = []
     for i, stage in enumerate(scenario.stages):
         path = checkpoint_path(scenario, stage)
-        if path is not None and not path.exists():
+        # a hub id (hf_clip) is looked up in the HF cache when the stage is imported
+        if isinstance(path, Path) and not path.exists():
             missing.append(f"stages[{i}].checkpoint: {path} does not exist (the run would stop at this stage)")
     return RunPlan(scenario=scenario, train=train, orders=orders, chains=sorted(chains),
                    encoder_numel=size[0] if size else None, encoder_bytes=size[1] if size else None,
@@ -366,7 +367,7 @@ def validate_run(scenario, accelerator: str = "auto") -> RunPlan:
     for i, stage in enumerate(scenario.stages):
         path = checkpoint_path(scenario, stage)
         # a safetensors header is read in microseconds: a truncated file fails now, not after earlier stages trained
-        if path is not None and (path.is_dir() or path.suffix == ".safetensors"):
+        if isinstance(path, Path) and path.is_file() and path.suffix == ".safetensors":
             try:
                 CheckpointReader(path).close()
             except ClMergeError as exc:
