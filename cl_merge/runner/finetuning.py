@@ -31,6 +31,10 @@ def train_config_for(scenario, accelerator: str = "auto"):
         raise ConfigError(f"train.scheduler: only 'cosine' (with linear warm-up) is implemented, got {spec.scheduler!r}")
     values = {name: getattr(spec, name) for name in _TRAIN_FIELDS if getattr(spec, name, None) is not None}
     values.setdefault("warmup_steps", min(500, values.get("max_steps", 2000) // 10))
+    # the scenario's devices / precision (the accelerator is resolved once by the runner)
+    for name in ("devices", "precision"):
+        if getattr(spec, name, None) is not None:
+            values[name] = getattr(spec, name)
     return TrainConfig(**values, accelerator=accelerator, cache_tensors=True, eval_splits=["val"],
                        progress_bar=False, seed=scenario.seed)
 
@@ -53,11 +57,14 @@ class StageFinetuner:
         self.model = model
         self.folder = folder
         self.options = options
-        self.train_cfg = train_config_for(scenario, options.accelerator)
+        self.train_cfg = train_config_for(scenario, getattr(options, "resolved_accelerator", options.accelerator))
         self.pool = None  # set by the runner
         self.order_run = None
 
-    def __call__(self, *, stage, stage_index: int, init_state, out_dir: Path, chain: str) -> Path:
+    def __call__(self, *, stage, stage_index: int, init_state, out_dir: Path, chain: str,
+                 seed: int | None = None) -> Path:
+        """Train (or import) one stage into ``out_dir``. ``seed``: chosen by the
+        runner (an independent fine-tune's depends on the task, not its position)."""
         if stage.checkpoint:
             return self._import_checkpoint(stage, out_dir)
         from cl_merge.lit.config import LoggerConfig
@@ -70,7 +77,7 @@ class StageFinetuner:
             out_dir=out_dir,
             init_encoder_state=init_state,
             pretrained_encoder_state=self.pool.theta0,
-            seed=self.scenario.seed * 1000 + stage_index,
+            seed=self.scenario.seed * 1000 + stage_index if seed is None else seed,
             logger_cfg=LoggerConfig(wandb=False),
             callbacks=[StepHookCallback(self.options.hook, f"{chain}/{stage_index:02d}-{stage.name}")],
         )
@@ -112,7 +119,7 @@ class StageFinetuner:
         if not self.model.head_trainable or self.order_run is None:
             return None
         chain = self.order_run.head_chain()
-        path = self.folder.path("finetune", chain, f"{index:02d}-{name}", "head.safetensors")
+        path = self.order_run.head_path(index)  # the runner owns the fine-tune folder layout
         if not path.exists():
             self.order_run._finetuned(chain, index)
         return self.model.load_head(load_state_dict(path))

@@ -82,6 +82,11 @@ class TrainSpec:
     grad_clip: float | None = None
     label_smoothing: float | None = None
     max_train: int | None = None  # cap on training examples per task (quick runs)
+    # where fine-tunes, evaluation and merging run (also when no fine-tune runs in
+    # the process: resume, imported checkpoints, --stage jobs); None: auto / Lightning's default
+    accelerator: str | None = None  # auto | cpu | gpu | cuda | mps
+    devices: int | str | None = None
+    precision: str | None = None  # e.g. 32-true, bf16-mixed
 
 
 @dataclass
@@ -95,12 +100,25 @@ class EvalSpec:
 
 @dataclass
 class CalibrationSpec:
-    """Data for data-based merging (AdaMerging, RegMean, ...), never taken from the test split."""
+    """Data for data-based merging (Fisher, RegMean, AdaMerging, ...): ``n_per_class``
+    examples of every class of each task, drawn with ``seed``, through the model's
+    evaluation preprocess, in batches of ``batch_size``. ``split: test`` (unlabeled
+    test inputs) is only for test-time methods and marks the run transductive."""
 
     n_per_class: int
     labeled: bool = False
-    split: Literal["train", "validation"] = "train"
+    split: Literal["train", "validation", "test"] = "train"
     seed: int | None = None  # None: the scenario seed
+    batch_size: int | None = None  # None: eval.batch_size
+
+
+@dataclass
+class KeepSpec:
+    """Which artifacts stay on disk. Resume needs only the latest strategy state
+    per method; ``all`` keeps one file per stage (merged models for analysis)."""
+
+    merged: Literal["last", "all"] = "last"
+    states: Literal["last", "all"] = "last"
 
 
 @dataclass
@@ -122,6 +140,7 @@ class Scenario:
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     calibration: CalibrationSpec | None = None
+    keep: KeepSpec = field(default_factory=KeepSpec)
     k_shot: int | None = None  # default k for few-shot stages
     seed: int = 0
 
@@ -145,6 +164,7 @@ class Scenario:
         body = self.to_dict()
         body.pop("name", None)
         body.pop("description", None)
+        body.pop("keep", None)  # what stays on disk does not change any number
         text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
