@@ -398,7 +398,7 @@ class OrderRun:
         if "data" in row.needs:
             batches, labels = self.calibration_batches(t)
         if {"model", "data"} & row.needs:
-            head = self.pool.head(self.stages, t, t)[0]
+            head = self.pool._own_head(self.stages, t)  # the task's own head, also in class-incremental runs
         return TaskInput(t, self.task_vector(chain, t), name=stage.name, batches=batches, labels=labels, head=head,
                          metadata={"chain": chain})
 
@@ -494,7 +494,7 @@ class _Heads(Sequence):
         return len(self.run.stages)
 
     def __getitem__(self, index):
-        return self.run.pool.head(self.run.stages, index, index)[0]
+        return self.run.pool._own_head(self.run.stages, index)
 
 
 # ====================================================================== task identity
