@@ -9,7 +9,8 @@ strategy state after one task) and counts how many of each the run writes:
 - ``old``: every fine-tune keeps encoder *and* task vector; every method keeps
   a merged model and a state per stage; independent fine-tunes per order;
 - ``new``: a fine-tune keeps its encoder only (the task vector is derived);
-  each method keeps its latest state and merged model (``keep`` defaults);
+  each method keeps its latest merged model, and its latest state while the
+  run is not finished (``keep`` defaults);
   independent fine-tunes shared by the orders.
 
 ``--measure`` adds the real size of a finished run folder.
@@ -77,7 +78,8 @@ def main() -> None:
     old_ft = (len(chains) * T * orders) * (encoder + task_vector + head)
     new_ft = (T * ("independent" in chains) + per_order_chains * T * orders) * (encoder + head)
     old_merge = orders * merge_stages * sum(encoder + s for s in states.values())
-    new_merge = orders * sum(encoder + s for s in states.values())
+    new_merge = orders * len(states) * encoder  # a finished run keeps the last merged model, no state
+    new_peak = new_merge + orders * sum(states.values())  # while running: + the latest state per method
     gb = 1 / 2**20
     print(f"scenario {sc.name}: {T} stages, {orders} order(s), chains {sorted(chains)}, methods {list(states)}")
     print(f"  encoder {encoder * gb:.2f} MiB, task vector {task_vector * gb:.2f} MiB, head {head * gb:.3f} MiB, "
@@ -85,7 +87,7 @@ def main() -> None:
     print(f"  old layout: fine-tunes {old_ft * gb:.1f} MiB + merges {old_merge * gb:.1f} MiB = "
           f"{(old_ft + old_merge) * gb:.1f} MiB")
     print(f"  new layout: fine-tunes {new_ft * gb:.1f} MiB + merges {new_merge * gb:.1f} MiB = "
-          f"{(new_ft + new_merge) * gb:.1f} MiB")
+          f"{(new_ft + new_merge) * gb:.1f} MiB (at most {(new_ft + new_peak) * gb:.1f} MiB while running)")
     for folder in args.measure:
         print(f"  measured {folder}: {folder_size(folder) * gb:.1f} MiB")
 

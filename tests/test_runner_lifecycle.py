@@ -195,9 +195,10 @@ def test_every_strategy_runs_continually(trained, every_strategy_run, name):
 
 # ---------------------------------------------------------------- resume
 def test_resume_restores_states_instead_of_replaying(trained, tmp_path, monkeypatch):
-    """Killed at TIES' merge of the last stage (its state-02 saved) and at
-    TSV-M's: the rerun restores TIES from its one saved state (no absorb) and
-    replays TSV-M's absorbs with lazy readers of the stored fine-tunes."""
+    """Killed at TIES' merge of the last stage: the rerun restores TIES from
+    its one saved state (after stage 1) and absorbs stage 2 only, and replays
+    TSV-M's absorbs with lazy readers of the stored fine-tunes. A finished
+    run keeps no state (nothing is left to resume)."""
     _, trained_out, _ = trained
     methods = [{"method": "task_arithmetic", "scaling_grid": [0.3, 1.0]},
                {"method": "ties", "hyperparameters": {"scaling": 1.0, "density": 0.5}},
@@ -218,7 +219,7 @@ def test_resume_restores_states_instead_of_replaying(trained, tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         _run(scenario, out, hook=kill_at_ties_last)
     # only the latest state and merged model per method are on disk
-    assert sorted(p.name for p in (out / "merge" / "ties").glob("state-*")) == ["state-02.safetensors"]
+    assert sorted(p.name for p in (out / "merge" / "ties").glob("state-*")) == ["state-01.safetensors"]
     assert sorted(p.name for p in (out / "merge" / "ties").glob("merged-*")) == ["merged-01.safetensors"]
 
     absorbed = Counter()
@@ -242,10 +243,11 @@ def test_resume_restores_states_instead_of_replaying(trained, tmp_path, monkeypa
     monkeypatch.setattr(IncrementalStrategy, "load_state_dict", load)
     _run(scenario, out)
     # ScalingSearch forwards absorb to its inner strategy: both count under the method's name
-    assert restored == Counter({("ties", 3): 1})
-    assert absorbed["ties"] == 0 and absorbed["task_arithmetic"] == 0
+    assert restored == Counter({("ties", 2): 1})
+    assert absorbed["ties"] == 1 and absorbed["task_arithmetic"] == 0
     assert absorbed["tsv_m"] == 3
     assert _metrics(out) == _metrics(reference)
+    assert not list(out.glob("merge/*/state-*"))
 
 
 def test_finished_run_resumes_by_file_checks(trained, tmp_path, monkeypatch):

@@ -167,7 +167,10 @@ class MethodRow(Row):
         chain = self.chain(run)
         for i in range(done, t + 1):
             strategy.absorb(run.task_input(self, chain, i))
-        state = strategy.state_dict()
+        # a state is what a later stage resumes from: the last stage needs none
+        # (its merged model and eval record are the result)
+        last_stage = t == len(run.stages) - 1
+        state = None if last_stage and run.scenario.keep.states == "last" else strategy.state_dict()
         if state is not None:
             path = run.folder.path("merge", self.name, f"state-{t:02d}.safetensors")
             save_state_dict(state, path, {"cl_merge_kind": "merge_state", "row": self.name, "stage": str(t)})
@@ -211,6 +214,13 @@ class MethodRow(Row):
         if not path.exists():
             self.merged(run, t)
         return load_state_dict(path)
+
+    def evaluate(self, run, t):
+        record = super().evaluate(run, t)
+        if t == len(run.stages) - 1 and run.scenario.keep.states == "last":
+            for old in self._states(run).values():  # finished: nothing left to resume
+                old.unlink(missing_ok=True)
+        return record
 
     def _record(self, run, t):
         weights, scaling = self.merged(run, t)
