@@ -319,7 +319,7 @@ class _RecordingTTA(_Recording):
 
 @dataclasses.dataclass
 class _RecordingMethod(MergeMethod):
-    name = "_test_recording"
+    name = "test_recording"
 
     def create_strategy(self, key_filter=None, device=None):
         return _Recording(self)
@@ -327,7 +327,7 @@ class _RecordingMethod(MergeMethod):
 
 @dataclasses.dataclass
 class _RecordingTTAMethod(MergeMethod):
-    name = "_test_recording_tta"
+    name = "test_recording_tta"
 
     def create_strategy(self, key_filter=None, device=None):
         return _RecordingTTA(self)
@@ -350,7 +350,7 @@ def test_data_based_strategy_gets_seeded_calibration_batches(trained, tmp_path, 
     _, trained_out, _ = trained
     cal = {"n_per_class": 2, "labeled": True, "split": "train", "batch_size": 8}
     scenario = _scenario(tmp_path, stages=_checkpoint_stages(trained_out),
-                         merge=[{"method": "_test_recording"}], calibration=cal)
+                         merge=[{"method": "test_recording"}], calibration=cal)
     _run(scenario, tmp_path / "a")
     start, *tasks = SEEN
     assert start["module_keys"] == start["pretrained_keys"] and not start["transductive"]
@@ -370,7 +370,7 @@ def test_data_based_strategy_gets_seeded_calibration_batches(trained, tmp_path, 
     # the merge is what the strategy returned: the average of the task vectors
     theta0 = _theta0(scenario)
     tvs = [artifacts.task_vector(trained_out / "finetune" / "independent" / n, theta0) for n in NAMES]
-    merged = load_state_dict(tmp_path / "a" / "merge" / "_test_recording" / "merged-02.safetensors")
+    merged = load_state_dict(tmp_path / "a" / "merge" / "test_recording" / "merged-02.safetensors")
     key = next(iter(tvs[0]))
     assert torch.allclose(merged[key], theta0[key] + sum(tv[key] for tv in tvs) / 3, atol=1e-6)
 
@@ -378,35 +378,35 @@ def test_data_based_strategy_gets_seeded_calibration_batches(trained, tmp_path, 
 def test_test_time_calibration_marks_the_run_transductive(trained, tmp_path, recording_methods):
     _, trained_out, _ = trained
     scenario = _scenario(tmp_path, stages=_checkpoint_stages(trained_out, 2),
-                         merge=[{"method": "_test_recording_tta"}, {"method": "task_arithmetic"}],
+                         merge=[{"method": "test_recording_tta"}, {"method": "task_arithmetic"}],
                          calibration={"n_per_class": 1, "split": "test"})
     out = tmp_path / "run"
     _run(scenario, out)
     assert SEEN[0]["transductive"] and SEEN[1]["labels"] is None
-    record = json.loads((out / "eval" / "_test_recording_tta" / "stage-01.json").read_text())
+    record = json.loads((out / "eval" / "test_recording_tta" / "stage-01.json").read_text())
     assert record["transductive"] is True
     metrics = _metrics(out)
-    assert metrics["_test_recording_tta"]["metrics"]["transductive"] is True
+    assert metrics["test_recording_tta"]["metrics"]["transductive"] is True
     assert "transductive" not in metrics["task_arithmetic"]["metrics"]
     summary = (out / "summary.md").read_text()
-    assert "_test_recording_tta [transductive]" in summary and "task_arithmetic [transductive]" not in summary
+    assert "test_recording_tta [transductive]" in summary and "task_arithmetic [transductive]" not in summary
 
 
 def test_calibration_is_validated(trained, tmp_path, recording_methods):
     _, trained_out, _ = trained
     stages = _checkpoint_stages(trained_out, 2)
-    with pytest.raises(ConfigError, match="'_test_recording' needs calibration data"):
-        _scenario(tmp_path, stages=stages, merge=[{"method": "_test_recording"}])
-    with pytest.raises(ConfigError, match="test inputs are only for test-time methods"):
-        _scenario(tmp_path, stages=stages, merge=[{"method": "_test_recording"}],
+    with pytest.raises(ConfigError, match="'test_recording' needs calibration data"):
+        _scenario(tmp_path, stages=stages, merge=[{"method": "test_recording"}])
+    with pytest.raises(ConfigError, match="calibration.split: test .* only for test-time methods"):
+        _scenario(tmp_path, stages=stages, merge=[{"method": "test_recording"}],
                   calibration={"n_per_class": 1, "split": "test"})
     with pytest.raises(ConfigError, match="needs labeled calibration data"):
-        _scenario(tmp_path, stages=stages, merge=[{"method": "_test_recording"}],
+        _scenario(tmp_path, stages=stages, merge=[{"method": "test_recording"}],
                   calibration={"n_per_class": 1, "labeled": False})
     with pytest.raises(ConfigError, match="test labels are never given"):
-        _scenario(tmp_path, stages=stages, merge=[{"method": "_test_recording_tta"}],
+        _scenario(tmp_path, stages=stages, merge=[{"method": "test_recording_tta"}],
                   calibration={"n_per_class": 1, "labeled": True, "split": "test"})
-    big = _scenario(tmp_path, stages=stages, merge=[{"method": "_test_recording"}],
+    big = _scenario(tmp_path, stages=stages, merge=[{"method": "test_recording"}],
                     calibration={"n_per_class": 500, "labeled": True})
     with pytest.raises(ConfigError, match=r"n_per_class: 500 per class is more than the 'train' split of task 'digits'"):
         _run(big, tmp_path / "big")

@@ -331,6 +331,11 @@ def _validate_strategies(sc: Scenario, where: str) -> None:
 
     num_tasks = len(sc.stages)
     cal = sc.calibration
+    test_time = [spec.method for spec in sc.methods
+                 if build_strategy(merging.get_method(spec.method, **spec.hyperparameters)).data_split == "test"]
+    if cal is not None and cal.split == "test" and not test_time:
+        raise ConfigError(f"{where}: calibration.split: test (unlabeled test inputs) is only for test-time methods,"
+                          " and this scenario has none; use split: train or validation")
     for i, spec in enumerate(sc.methods):
         at = f"{where}: merge[{i}]" if len(sc.methods) > 1 else f"{where}: merge"
         method = merging.get_method(spec.method, **spec.hyperparameters)
