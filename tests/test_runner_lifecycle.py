@@ -160,6 +160,7 @@ def every_strategy_run(trained, tmp_path_factory):
     return tmp, folders
 
 
+@pytest.mark.slow  # the SVD-based strategies (TSV-M, Iso-CTS) take minutes on a loaded 2-core machine
 @pytest.mark.parametrize("name", available_methods())
 def test_every_strategy_runs_continually(trained, every_strategy_run, name):
     """3 continual stages with each registered strategy; one that cannot run
