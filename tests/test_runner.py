@@ -78,6 +78,12 @@ def reference_run(tmp_path_factory):
     return scenario, out
 
 
+def _theta0(scenario):
+    from cl_merge.models import create_model
+
+    return create_model(scenario.model.family, scenario.model.name, None, init_seed=scenario.seed).encoder_state_dict()
+
+
 def test_end_to_end_outputs(reference_run):
     scenario, out = reference_run
     for name in ("config.yaml", "run.json", "metrics.json", "summary.md", "summary.csv",
@@ -89,9 +95,12 @@ def test_end_to_end_outputs(reference_run):
     for name, (metrics, per_task) in results.items():
         assert set(per_task) == set(scenario.task_names)
         assert all(0.0 <= v <= 1.0 for v in per_task.values())
-    # task vectors and merged checkpoints are kept as safetensors
-    assert len(list((out / "finetune" / "independent").glob("*/task_vector.safetensors"))) == 3
-    assert (out / "merge" / "ties" / "merged-02.safetensors").exists()
+    # each fine-tune is stored once (its encoder; the task vector is derived), in a
+    # folder named by the task; only the last merged model per method is kept
+    ft = out / "finetune" / "independent"
+    assert sorted(p.parent.name for p in ft.glob("*/encoder.safetensors")) == sorted(scenario.task_names)
+    assert not list(ft.glob("*/task_vector.safetensors"))
+    assert sorted(p.name for p in (out / "merge" / "ties").glob("merged-*")) == ["merged-02.safetensors"]
     # the scaling grid was decided on the validation split, and recorded
     chosen = json.loads((out / "merge" / "task_arithmetic" / "chosen-02.json").read_text())
     assert chosen["scaling"] in (0.3, 1.0) and set(chosen["validation_accuracy"]) == {"0.3", "1.0"}
@@ -190,7 +199,8 @@ def test_stage_jobs_then_run_picks_them_up(tmp_path):
     options = RunOptions(out_dir=out, progress=False, wandb_mode="disabled", log=lambda msg: None)
     for stage in range(3):
         finetune_stage(scenario, options, stage)
-    assert len(list((out / "finetune" / "independent").glob("*/metadata.json"))) == 3
+    assert sorted(p.parent.name for p in (out / "finetune" / "independent").glob("*/metadata.json")) == \
+        sorted(scenario.task_names)
     seen = []
     _run(scenario, out, hook=lambda kind, name: seen.append(kind))
     assert "finetune_step" not in seen
@@ -218,7 +228,7 @@ def test_class_incremental_with_random_orders(tmp_path):
 def test_multi_task_with_a_checkpoint_stage(reference_run, tmp_path):
     """A stage that brings its own fine-tuned checkpoint; all merged at once."""
     _, ref_out = reference_run
-    ckpt = next((ref_out / "finetune" / "independent").glob("01-*/encoder.safetensors"))
+    ckpt = ref_out / "finetune" / "independent" / "digits_invert" / "encoder.safetensors"
     stages = [{"dataset": "digits"}, {"dataset": "digits", "variant": "invert", "checkpoint": str(ckpt)}]
     scenario = _scenario(tmp_path, setting="multi_task", stages=stages,
                          merge=[{"method": "tsv_m"}, {"method": "task_arithmetic"}])
@@ -227,11 +237,13 @@ def test_multi_task_with_a_checkpoint_stage(reference_run, tmp_path):
     results = _results(out)
     assert set(results) >= {"tsv_m", "task_arithmetic", "zero_shot", "individual"}
     assert set(results["tsv_m"][1]) == {s.name for s in scenario.stages}
-    imported = next((out / "finetune" / "independent").glob("01-*/task_vector.safetensors"))
-    from cl_merge.core.io import load_state_dict
+    from cl_merge.runner import artifacts
 
-    ref_tv = load_state_dict(next((ref_out / "finetune" / "independent").glob("01-*/task_vector.safetensors")))
-    assert all((load_state_dict(imported)[k] == v).all() for k, v in ref_tv.items())
+    theta0 = _theta0(scenario)
+    imported = artifacts.task_vector(out / "finetune" / "independent" / "digits_invert", theta0)
+    ref_tv = artifacts.task_vector(ref_out / "finetune" / "independent" / "digits_invert", theta0)
+    assert set(imported) == set(ref_tv) and len(ref_tv) > 0
+    assert all((imported[k] == ref_tv[k]).all() for k in ref_tv)
 
 
 @pytest.mark.slow

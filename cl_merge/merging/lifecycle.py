@@ -207,6 +207,13 @@ class BatchStrategy(MergeStrategy):
         method = self._method_with(overrides)
         sources = [tv if hasattr(tv, "get") and hasattr(tv, "keys") else DictSource(tv, f"task vector {i}")
                    for i, tv in enumerate(self.task_vectors)]
+        if len(sources) == 1 and method.min_models > 1:
+            # a method defined for two or more models (SLERP, Model Stock's
+            # angle), at the first stage of a continual run: the only model
+            # there is to "merge" is that task's fine-tuned model, θ0 + τ
+            from cl_merge.merging.registry import get_method
+
+            method = get_method("task_arithmetic", scaling=1.0)
         kwargs = {"device": self.device} if self.device is not None else {}
         return run_merge(method, self.pretrained, sources, key_filter=self.key_filter, task_vectors=True, **kwargs)
 

@@ -62,7 +62,9 @@ class ResultRecord:
     @property
     def label(self) -> str:
         """Row label in tables and plots."""
-        return self.name if self.accuracy_type in (None, "task_agnostic") else f"{self.name} [task-aware]"
+        label = self.name if self.accuracy_type in (None, "task_agnostic") else f"{self.name} [task-aware]"
+        # calibrated on unlabeled test inputs: not comparable with inductive rows
+        return f"{label} [transductive]" if self.metrics.get("transductive") else label
 
     @classmethod
     def from_matrix(cls, name: str, matrix: AccuracyMatrix, *, kind: str = "method", method: str | None = None,

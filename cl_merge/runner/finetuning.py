@@ -41,20 +41,24 @@ class StageFinetuner:
         self.model = model
         self.folder = folder
         self.options = options
-        self.train_cfg = train_config_for(scenario, options.accelerator)
+        self.train_cfg = train_config_for(scenario, getattr(options, "resolved_accelerator", options.accelerator))
         self.pool = None  # set by the runner
         self.order_run = None
 
-    def __call__(self, *, stage, stage_index: int, init_state, out_dir: Path, chain: str) -> Path:
+    def __call__(self, *, stage, stage_index: int, init_state, out_dir: Path, chain: str,
+                 seed: int | None = None) -> Path:
+        """Train (or import) one stage into ``out_dir``. ``seed``: chosen by the
+        runner (an independent fine-tune's depends on the task, not its position)."""
         from cl_merge.runner.folder import artifact_lock
 
         # per-artifact lock: --stage jobs of one job array share the run folder
         with artifact_lock(out_dir, f"stage {stage_index} ({stage.name}) of chain {chain}"):
             if stage.checkpoint:
                 return self._import_checkpoint(stage, out_dir)
-            return self._finetune(stage, stage_index, init_state, out_dir, chain)
+            return self._finetune(stage, stage_index, init_state, out_dir, chain, seed)
 
-    def _finetune(self, stage, stage_index: int, init_state, out_dir: Path, chain: str) -> Path:
+    def _finetune(self, stage, stage_index: int, init_state, out_dir: Path, chain: str,
+                  seed: int | None = None) -> Path:
         from cl_merge.lit.config import LoggerConfig
         from cl_merge.lit.finetune import finetune
 
@@ -65,7 +69,7 @@ class StageFinetuner:
             out_dir=out_dir,
             init_encoder_state=init_state,
             pretrained_encoder_state=self.pool.theta0,
-            seed=self.scenario.stage_seed(stage_index),
+            seed=self.scenario.stage_seed(stage_index) if seed is None else seed,
             logger_cfg=LoggerConfig(wandb=False),
             callbacks=[StepHookCallback(self.options.hook, f"{chain}/{stage_index:02d}-{stage.name}")],
         )
@@ -131,7 +135,7 @@ class StageFinetuner:
         if not self.model.head_trainable or self.order_run is None:
             return None
         chain = self.order_run.head_chain()
-        path = self.folder.path("finetune", chain, f"{index:02d}-{name}", "head.safetensors")
+        path = self.order_run.head_path(index)  # the runner owns the fine-tune folder layout
         if not path.exists():
             self.order_run._finetuned(chain, index)
         if not path.exists():

@@ -27,6 +27,7 @@ class RunOptions:
     progress: bool = True
     hook: StepHook = _noop_hook
     log: Callable[[str], None] = print
+    resolved_accelerator: str | None = None  # set by the runner from accelerator / train.accelerator
 
 
 def resolve_pretrained(scenario, options: RunOptions):
@@ -42,36 +43,95 @@ def resolve_pretrained(scenario, options: RunOptions):
     return pretrained
 
 
-def _setup(scenario, options: RunOptions, lock: bool = True):
+def resolve_device(scenario, options: RunOptions) -> tuple[str, "torch.device"]:
+    """(Lightning accelerator name, torch device) the run uses for fine-tunes,
+    evaluation and merging. ``--accelerator`` wins over the scenario's
+    ``train.accelerator``; ``auto`` is CUDA when available, else the CPU."""
+    import torch
+
+    from cl_merge.errors import ConfigError
+
+    name = options.accelerator if options.accelerator not in (None, "auto") else (
+        getattr(scenario.train, "accelerator", None) or "auto")
+    name = str(name).lower()
+    if name == "auto":
+        name = "gpu" if torch.cuda.is_available() else "cpu"
+    if name in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"accelerator {name!r}: no CUDA GPU is visible to this process (use cpu or auto)")
+        return "gpu", torch.device("cuda")
+    if name == "mps":
+        return "mps", torch.device("mps")
+    if name == "cpu":
+        return "cpu", torch.device("cpu")
+    raise ConfigError(f"accelerator: unknown value {name!r} (valid: auto, cpu, gpu, cuda, mps)")
+
+
+@dataclasses.dataclass
+class _RunSetup:
+    """What every order of one run shares: folders, θ0, the model on its
+    device, and the rows (each method's strategy built once)."""
+
+    root: Path
+    top: RunFolder
+    pretrained: Any
+    model: Any
+    theta0: dict
+    device: Any
+    rows: list
+
+
+def _setup(scenario, options: RunOptions, lock: bool = True) -> _RunSetup:
     from cl_merge.models import create_model
+    from cl_merge.runner.loop import scenario_rows
     from cl_merge.runner.plan import validate_run
 
     validate_run(scenario, options.accelerator)  # before the run folder exists: a bad config leaves nothing behind
+    accelerator, device = resolve_device(scenario, options)
+    options.resolved_accelerator = accelerator
     root = Path(options.out_dir)
     top = RunFolder(root, scenario.fingerprint(), scenario.to_dict(), lock=lock)
     pretrained = resolve_pretrained(scenario, options)
     model = create_model(scenario.model.family, scenario.model.name, pretrained, init_seed=scenario.seed)
-    return root, top, pretrained, model
+    theta0 = model.encoder_state_dict()  # on the CPU, where the artifacts and the merge inputs live
+    # merges stream tensor by tensor to the configured device (results back on the CPU)
+    rows = scenario_rows(scenario, device=device)
+    return _RunSetup(root, top, pretrained, model, theta0, device, rows)
 
 
-def _order_run(scenario, stages, folder, pretrained, model, options: RunOptions) -> OrderRun:
+def _order_run(scenario, stages, folder, setup: _RunSetup, options: RunOptions) -> OrderRun:
     from cl_merge.runner.evaluation import TaskPool
     from cl_merge.runner.finetuning import StageFinetuner
 
-    finetuner = StageFinetuner(scenario, pretrained, model, folder, options)
+    model = setup.model
+    finetuner = StageFinetuner(scenario, setup.pretrained, model, folder, options)
+    # evaluation on the configured device even when no fine-tune runs in this
+    # process (resume, imported checkpoints, --stage jobs)
     pool = TaskPool(scenario, model, data_root=options.data_root, download=options.download,
-                    head_loader=finetuner.head_loader)
+                    head_loader=finetuner.head_loader, device=setup.device, precision=scenario.train.precision,
+                    num_workers=scenario.train.num_workers)
+    pool.theta0 = setup.theta0
     finetuner.pool = pool
     order_run = OrderRun(scenario, stages, folder, pool, finetuner=finetuner, hook=options.hook,
-                         progress=options.progress, log=options.log)
+                         progress=options.progress, log=options.log, rows=setup.rows, shared=setup.top,
+                         model=model, device=setup.device)
     finetuner.order_run = order_run
     return order_run
 
 
+def _order_folder(scenario, setup: _RunSetup, index: int, num_orders: int, lock: bool = True) -> RunFolder:
+    if num_orders == 1:
+        return setup.top
+    return RunFolder(setup.root / f"order-{index:02d}", scenario.fingerprint(), scenario.to_dict(), lock=lock)
+
+
 def finetune_stage(scenario, options: RunOptions, stage_index: int, order_index: int = 0) -> Path:
     """Fine-tune one stage of the ``independent`` chain into the run folder
-    and stop: one job of a cluster job array. ``cl-merge run`` on the same
-    folder afterwards finds these fine-tunes done and only merges and evaluates."""
+    and stop: one job of a cluster job array. Independent fine-tunes are
+    shared by every order (``<run>/finetune/independent/<task>/``), so
+    ``--order`` only picks which task stage ``stage_index`` is. ``cl-merge run``
+    on the same folder afterwards finds these fine-tunes done and only merges
+    and evaluates."""
     from cl_merge.errors import ConfigError
 
     orders = scenario.expand_orders()
@@ -81,18 +141,15 @@ def finetune_stage(scenario, options: RunOptions, stage_index: int, order_index:
     if not 0 <= stage_index < len(stages):
         raise ConfigError(f"--stage {stage_index} is out of range: the scenario has {len(stages)} stages")
     # a job of an array: no run-wide lock, each fine-tune locks its own artifact
-    root, top, pretrained, model = _setup(scenario, options, lock=False)
-    fingerprint = scenario.fingerprint()
-    folder = top if len(orders) == 1 else RunFolder(root / f"order-{order_index:02d}", fingerprint,
-                                                    scenario.to_dict(), lock=False)
-    order_run = _order_run(scenario, stages, folder, pretrained, model, options)
-    if "independent" not in order_run._chains():
+    setup = _setup(scenario, options, lock=False)
+    folder = _order_folder(scenario, setup, order_index, len(orders), lock=False)
+    order_run = _order_run(scenario, stages, folder, setup, options)
+    if "independent" not in order_run.chains():
         raise ConfigError(
             f"scenario init is {scenario.init!r}: stage {stage_index} depends on the previous stage, "
             "so stages cannot be fine-tuned as independent jobs"
         )
-    order_run._finetuned("independent", stage_index)
-    return folder.path("finetune", "independent")
+    return order_run.finetuned("independent", stage_index)
 
 
 def _quiet_lightning() -> None:
@@ -107,17 +164,17 @@ def run_scenario(scenario, options: RunOptions):
     _quiet_lightning()
     from cl_merge.report import aggregate_runs, print_summary
 
-    resolved = scenario.to_dict()
     fingerprint = scenario.fingerprint()
-    root, top, pretrained, model = _setup(scenario, options)
+    setup = _setup(scenario, options)
+    root = setup.root
     orders = scenario.expand_orders()
     logger = _RunLogger(scenario, root, options.wandb_mode)
     records = []
     for index, stages in enumerate(orders):
-        folder = top if len(orders) == 1 else RunFolder(root / f"order-{index:02d}", fingerprint, resolved)
+        folder = _order_folder(scenario, setup, index, len(orders))
         if len(orders) > 1:
             options.log(f"order {index + 1}/{len(orders)}: {' -> '.join(s.name for s in stages)}")
-        order_run = _order_run(scenario, stages, folder, pretrained, model, options)
+        order_run = _order_run(scenario, stages, folder, setup, options)
         raw = order_run.run()
         record = build_run_record(scenario, order_run, raw, index, fingerprint, folder.root)
         from cl_merge.report import write_run_folder
@@ -186,6 +243,10 @@ def build_run_record(scenario, order_run: OrderRun, raw, order_index: int, finge
             results.append(ResultRecord.from_matrix(row.name, matrix, kind=kind, method=row.method,
                                                     hyperparameters=hparams, reference=reference,
                                                     individual=individual, accuracy_type=acc_type))
+        if raw.get(row.name) and any(rec.get("transductive") for rec in raw[row.name].values()):
+            for res in results:
+                if res.name == row.name:
+                    res.metrics["transductive"] = True
     return RunRecord(scenario=scenario.name, tasks=list(tasks), results=results, order_index=order_index,
                      fingerprint=fingerprint, setting=scenario.setting, seed=scenario.seed, folder=folder)
 

@@ -370,6 +370,40 @@ def _validate_seeds(sc: Scenario, where: str) -> None:
     if sc.calibration is not None and sc.calibration.seed is not None:
         _check(0 <= sc.calibration.seed <= MAX_SEED,
                f"{where}: calibration.seed: must be in 0..{MAX_SEED}, got {sc.calibration.seed}")
+def _validate_strategies(sc: Scenario, where: str) -> None:
+    """Each method must be able to run in this scenario: what it needs of the
+    data (a calibration section, labels, the test split) and how many models
+    it merges at most. Refused here, with the reason, not at stage 5."""
+    merging = _merging_registry()
+    if merging is None:
+        return
+    from cl_merge.merging import build_strategy
+
+    num_tasks = len(sc.stages)
+    cal = sc.calibration
+    test_time = [spec.method for spec in sc.methods
+                 if build_strategy(merging.get_method(spec.method, **spec.hyperparameters)).data_split == "test"]
+    if cal is not None and cal.split == "test" and not test_time:
+        raise ConfigError(f"{where}: calibration.split: test (unlabeled test inputs) is only for test-time methods,"
+                          " and this scenario has none; use split: train or validation")
+    for i, spec in enumerate(sc.methods):
+        at = f"{where}: merge[{i}]" if len(sc.methods) > 1 else f"{where}: merge"
+        method = merging.get_method(spec.method, **spec.hyperparameters)
+        strategy = build_strategy(method)
+        if method.max_models is not None and num_tasks > method.max_models:
+            raise ConfigError(f"{at}.method: {spec.method!r} merges at most {method.max_models} models, but the scenario"
+                              f" has {num_tasks} stages (every stage merges all tasks seen so far)")
+        if "data" not in strategy.needs:
+            continue
+        if cal is None:
+            raise ConfigError(f"{at}.method: {spec.method!r} needs calibration data: add a 'calibration:' section"
+                              " (n_per_class, labeled, split) to the scenario")
+        if cal.split == "test" and strategy.data_split != "test":
+            raise ConfigError(f"{where}: calibration.split: test inputs are only for test-time methods, and"
+                              f" {spec.method!r} calibrates on {strategy.data_split!r}; use split: train or validation")
+        if strategy.needs_labels and not cal.labeled:
+            raise ConfigError(f"{where}: calibration.labeled: {spec.method!r} needs labeled calibration data;"
+                              " set labeled: true")
 
 
 def _validate(sc: Scenario, where: str) -> Scenario:
@@ -408,9 +442,15 @@ def _validate(sc: Scenario, where: str) -> Scenario:
     except HyperparameterError as exc:
         raise ConfigError(f"{where}: train: {exc}") from None
     if sc.calibration is not None:
-        _check(sc.calibration.n_per_class >= 1, f"{where}: calibration.n_per_class: must be >= 1")
-        _check(sc.calibration.split != sc.eval.split,
-               f"{where}: calibration.split: {sc.calibration.split!r} is the evaluation split; calibrate on another")
+        cal = sc.calibration
+        _check(cal.n_per_class >= 1, f"{where}: calibration.n_per_class: must be >= 1")
+        _check(cal.batch_size is None or cal.batch_size >= 1, f"{where}: calibration.batch_size: must be >= 1")
+        # unlabeled test inputs are the one exception: test-time methods (checked per method)
+        _check(cal.split == "test" or cal.split != sc.eval.split,
+               f"{where}: calibration.split: {cal.split!r} is the evaluation split; calibrate on another")
+        _check(not (cal.split == "test" and cal.labeled),
+               f"{where}: calibration.labeled: test labels are never given to a merge; use labeled: false with split: test")
+    _validate_strategies(sc, where)
     if sc.k_shot is not None:
         _check(sc.k_shot >= 1, f"{where}: k_shot: must be >= 1, got {sc.k_shot}")
     return sc

@@ -139,12 +139,25 @@ class EvalSpec:
 
 @dataclass
 class CalibrationSpec:
-    """Data for data-based merging (AdaMerging, RegMean, ...), never taken from the test split."""
+    """Data for data-based merging (Fisher, RegMean, AdaMerging, ...): ``n_per_class``
+    examples of every class of each task, drawn with ``seed``, through the model's
+    evaluation preprocess, in batches of ``batch_size``. ``split: test`` (unlabeled
+    test inputs) is only for test-time methods and marks the run transductive."""
 
     n_per_class: int
     labeled: bool = False
-    split: Literal["train", "validation"] = "train"
+    split: Literal["train", "validation", "test"] = "train"
     seed: int | None = None  # None: the scenario seed
+    batch_size: int | None = None  # None: eval.batch_size
+
+
+@dataclass
+class KeepSpec:
+    """Which artifacts stay on disk. Resume needs only the latest strategy state
+    per method; ``all`` keeps one file per stage (merged models for analysis)."""
+
+    merged: Literal["last", "all"] = "last"
+    states: Literal["last", "all"] = "last"
 
 
 @dataclass
@@ -166,6 +179,7 @@ class Scenario:
     train: TrainSpec = field(default_factory=TrainSpec)
     eval: EvalSpec = field(default_factory=EvalSpec)
     calibration: CalibrationSpec | None = None
+    keep: KeepSpec = field(default_factory=KeepSpec)
     k_shot: int | None = None  # default k for few-shot stages
     seed: int = 0
 
@@ -197,6 +211,7 @@ class Scenario:
         body.pop("description", None)
         for key in COSMETIC_FIELDS:  # how a run looks (num_workers), not what it computes
             body["train"].pop(key, None)
+        body.pop("keep", None)  # what stays on disk does not change any number
         text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
