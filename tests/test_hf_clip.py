@@ -216,12 +216,14 @@ def test_stream_of_hf_checkpoints_from_local_folders(tiny_clip_dir, tmp_path, mo
     out = tmp_path / "run2"
     run_scenario(scenario, RunOptions(out_dir=out, progress=False, wandb_mode="disabled", log=lambda m: None))
     base = create_model("hf_clip", str(tiny_clip_dir), head_cache_dir=None).encoder_state_dict()
-    for tag, tuned in (("00-digits", first), ("01-digits_invert", second)):
+    from cl_merge.runner import artifacts
+
+    for tag, tuned in (("digits", first), ("digits_invert", second)):
         encoder = load_state_dict(out / "finetune" / "independent" / tag / "encoder.safetensors")
         assert torch.equal(encoder["visual_projection.weight"], base["visual_projection.weight"])
         key = next(k for k in tuned if k.endswith("layers.1.self_attn.q_proj.weight"))
         assert torch.equal(encoder["vision_model.encoder.layers.1.self_attn.q_proj.weight"], tuned[key])
-        tv = load_state_dict(out / "finetune" / "independent" / tag / "task_vector.safetensors")
+        tv = artifacts.task_vector(out / "finetune" / "independent" / tag, base)
         assert torch.allclose(tv["vision_model.encoder.layers.1.self_attn.q_proj.weight"],
                               tuned[key] - base["vision_model.encoder.layers.1.self_attn.q_proj.weight"])
     results = {r["name"] for r in json.loads((out / "metrics.json").read_text())["results"]}

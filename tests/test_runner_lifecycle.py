@@ -266,7 +266,11 @@ def test_finished_run_resumes_by_file_checks(trained, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("entered on a finished run")
 
-    import cl_merge.lit.finetune as lit_finetune
+    import sys
+
+    import cl_merge.lit.finetune  # noqa: F401  (the package re-exports the function under the module's name)
+
+    lit_finetune = sys.modules["cl_merge.lit.finetune"]
     from cl_merge.runner.finetuning import StageFinetuner
     from cl_merge.runner.loop import MethodRow
 

@@ -344,8 +344,8 @@ class OrderRun:
         """An independent fine-tune's seed depends on the task, not on where
         the order puts it; chains that depend on the order keep the position."""
         if chain == "independent":
-            return self.scenario.seed * 1000 + task_seed_index(self.scenario, self.stages[t])
-        return self.scenario.seed * 1000 + t
+            return self.scenario.stage_seed(task_seed_index(self.scenario, self.stages[t]))
+        return self.scenario.stage_seed(t)
 
     def finetuned(self, chain: str, t: int) -> Path:
         """The folder of stage t's finished fine-tune in ``chain``, training
