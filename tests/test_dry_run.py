@@ -78,11 +78,17 @@ def test_disk_estimate_from_parameter_count(tmp_path):
     assert numel == sum(v.numel() for v in real.values() if v.is_floating_point())
     copy = 4 * numel
     disk = plan.disk_bytes()
-    assert disk["fine-tunes"] == 3 * 2 * copy  # encoder + task vector per fine-tune
-    assert disk["merged models"] == 6 * copy  # one merged encoder per (row, stage)
+    assert disk["fine-tunes"] == 3 * copy  # a fine-tune is stored once, as its encoder
+    assert disk["merged models"] == 2 * copy  # keep.merged: last -> the latest merged encoder per row
     # task arithmetic keeps a running sum (one copy per stage); TIES keeps more per stage
     assert plan.state_copies["task_arithmetic"] == pytest.approx(3.0, rel=0.05)
     assert plan.state_copies["ties"] > plan.state_copies["task_arithmetic"]
+    # keep.states: last -> only the latest state per row (its size: one stage's)
+    latest = sum(c / 3 for c in plan.state_copies.values()) * copy
+    assert disk["strategy states"] == pytest.approx(latest, rel=1e-6)
+    everything = _plan(tmp_path, keep={"merged": "all", "states": "all"}).disk_bytes()
+    assert everything["merged models"] == 6 * copy  # one merged encoder per (row, stage)
+    assert everything["strategy states"] > disk["strategy states"]
 
 
 def test_vit_family_is_sized_too(tmp_path):

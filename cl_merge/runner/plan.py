@@ -24,8 +24,8 @@ from typing import Any
 from cl_merge.errors import ClMergeError, ConfigError
 
 # artifacts each step leaves, in copies of the encoder (see cl_merge/runner/loop.py's layout)
-FINETUNE_COPIES = {"encoder.safetensors": 1, "task_vector.safetensors": 1}
-MERGED_COPIES = 1  # merge/<row>/merged-<tt>.safetensors, one per stage
+# a fine-tune is stored once, as its encoder (the task vector is derived from it and θ0)
+FINETUNE_COPIES = {"encoder.safetensors": 1}
 _ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu", "hpu")
 
 
@@ -52,9 +52,17 @@ class RunPlan:
         if self.encoder_bytes is None:
             return None
         copy = self.encoder_bytes
+        keep = self.scenario.keep
         n_finetunes = sum(self.finetunes.values()) + self.imported
-        merged = sum(self.merges.values()) * MERGED_COPIES * copy
-        states = sum(self.state_copies.values()) * len(self.orders) * copy
+        # keep.merged: last -> one merged model per method and order; all -> one per merge
+        merged_files = sum(self.merges.values()) if keep.merged == "all" else len(self.merges) * len(self.orders)
+        merged = merged_files * copy
+        # keep.states: last -> the latest state per method and order (the peak while running; a finished
+        # run keeps none); all -> every stage's state
+        stages = max(1, len(self.scenario.stages))
+        per_order = sum(self.state_copies.values()) if keep.states == "all" else \
+            sum(c / stages for c in self.state_copies.values())
+        states = per_order * len(self.orders) * copy
         return {
             "fine-tunes": int(n_finetunes * sum(FINETUNE_COPIES.values()) * copy),
             "merged models": int(merged),
