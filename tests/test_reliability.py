@@ -40,10 +40,7 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("CL_MERGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+pytestmark = pytest.mark.usefixtures("isolated_run_env")
 
 
 def _scenario(tmp_path: Path, overrides=(), **changes):

@@ -8,11 +8,12 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import run_quietly
 import yaml
 
 import cl_merge  # noqa: F401  (torchvision compat first)
 from cl_merge.errors import ConfigError
-from cl_merge.runner import RunOptions, run_scenario
+from cl_merge.runner import RunOptions
 from cl_merge.runner.loop import accuracy_rows
 from cl_merge.scenario import load_scenario
 
@@ -41,10 +42,7 @@ class Interrupt(RuntimeError):
     """Stands in for a kill at a chosen step."""
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("CL_MERGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+pytestmark = pytest.mark.usefixtures("isolated_run_env")
 
 
 def _scenario(tmp_path: Path, overrides=(), **changes):
@@ -54,11 +52,7 @@ def _scenario(tmp_path: Path, overrides=(), **changes):
     return load_scenario(path, overrides=list(overrides))
 
 
-def _run(scenario, out: Path, hook=None):
-    options = RunOptions(out_dir=out, progress=False, wandb_mode="disabled", log=lambda msg: None)
-    if hook is not None:
-        options.hook = hook
-    return run_scenario(scenario, options)
+_run = run_quietly
 
 
 def _results(out: Path) -> dict:

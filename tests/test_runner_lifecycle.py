@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import run_quietly
 import torch
 import yaml
 
@@ -25,7 +26,7 @@ from cl_merge.errors import ConfigError
 from cl_merge.merging import available_methods, build_strategy, get_method
 from cl_merge.merging.base import MergeMethod
 from cl_merge.merging.lifecycle import MergeStrategy
-from cl_merge.runner import RunOptions, artifacts, run_scenario
+from cl_merge.runner import RunOptions, artifacts
 from cl_merge.scenario import load_scenario
 
 TASKS = [{"dataset": "digits"}, {"dataset": "digits", "variant": "invert"},
@@ -42,10 +43,7 @@ BASE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("CL_MERGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+pytestmark = pytest.mark.usefixtures("isolated_run_env")
 
 
 def _scenario(folder: Path, **changes):
@@ -55,11 +53,7 @@ def _scenario(folder: Path, **changes):
     return load_scenario(path)
 
 
-def _run(scenario, out: Path, hook=None):
-    options = RunOptions(out_dir=out, progress=False, wandb_mode="disabled", log=lambda msg: None)
-    if hook is not None:
-        options.hook = hook
-    return run_scenario(scenario, options)
+_run = run_quietly
 
 
 def _metrics(out: Path) -> dict:
@@ -438,3 +432,29 @@ def test_device_follows_the_configuration(trained, tmp_path):
         options.accelerator = "auto"
         gpu = _scenario(tmp_path, stages=_checkpoint_stages(trained_out, 2), merge=[{"method": "task_arithmetic"}])
         assert resolve_device(gpu, options)[1].type == "cuda"
+
+
+def test_per_task_head_wrappers_reach_evaluation():
+    """A merge result with per-task modules between encoder and head
+    (Surgery's adapters) is evaluated through them, task by task."""
+    from cl_merge.merging.base import PerTaskMergeResult
+    from cl_merge.runner.loop import OrderRun
+
+    calls = []
+
+    class Result(PerTaskMergeResult):
+        def wrap_head(self, index, head):
+            calls.append(index)
+            return ("wrapped", index, head)
+
+    result = Result({"w": torch.zeros(1)}, lambda i: {"w": torch.full((1,), float(i))}, 2)
+
+    class Pool:
+        def accuracy(self, encoder, stages, index, seen_upto, split="test", wrap_head=None):
+            assert wrap_head is not None and wrap_head("head") == ("wrapped", index, "head")
+            return {f"t{index}": float(encoder["w"])}
+
+    run = OrderRun.__new__(OrderRun)  # only the evaluation path is exercised
+    run.pool, run.stages = Pool(), [None, None]
+    assert run.accuracies(result, [0, 1], seen_upto=1) == {"t0": 0.0, "t1": 1.0}
+    assert calls == [0, 1]

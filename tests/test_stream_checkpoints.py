@@ -6,7 +6,6 @@ to end; the linear-probe fit itself."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +19,7 @@ from cl_merge.runner import RunOptions, run_scenario
 from cl_merge.scenario import load_scenario
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.setenv("CL_MERGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("WANDB_MODE", "disabled")
+pytestmark = pytest.mark.usefixtures("isolated_run_env")
 
 
 def test_fit_linear_head_reaches_the_regularised_optimum():

@@ -51,7 +51,14 @@ class OfflinePretrainConfig:
     seed: int = 0
 
     def fingerprint(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        # the captions are part of what the text tower learns: weights cached
+        # under other class names or templates are not these weights
+        from cl_merge.data.registry import get_dataset_info
+
+        body = dataclasses.asdict(self)
+        body["captions"] = {name: [list(get_dataset_info(name).classnames), list(get_dataset_info(name).templates)]
+                            for name in self.datasets}
+        text = json.dumps(body, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -123,16 +123,20 @@ class TaskPool:
         return correct, total
 
     def accuracy(self, encoder_state, stages: Sequence, index: int, seen_upto: int,
-                 split: str = "test") -> dict[str, float]:
+                 split: str = "test", wrap_head: Callable[[nn.Module], nn.Module] | None = None) -> dict[str, float]:
         """Accuracy (a fraction in [0, 1]) on task ``index`` with the given encoder weights.
-        Class-incremental runs add ``<task>/task_aware`` (the task's own head)."""
+        Class-incremental runs add ``<task>/task_aware`` (the task's own head).
+        ``wrap_head``: a merge result's per-task module between the encoder
+        and the head (Representation Surgery's adapters)."""
         self.model.load_encoder_state_dict(encoder_state)
         self.model.eval()
         stage = stages[index]
-        heads = [self.head(stages, index, max(seen_upto, index))]
+        wrap = wrap_head if wrap_head is not None else (lambda head: head)
+        head, offset = self.head(stages, index, max(seen_upto, index))
+        heads = [(wrap(head), offset)]
         task_aware = self.scenario.setting == "class_incremental" and self.scenario.eval.task_aware
         if task_aware:
-            heads.append((self._own_head(stages, index), 0))
+            heads.append((wrap(self._own_head(stages, index)), 0))
         correct, total = self._correct_counts(stage, split, heads)
         out = {stage.name: correct[0] / max(1, total)}
         if task_aware:

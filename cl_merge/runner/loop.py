@@ -28,6 +28,7 @@ Artifacts (see ``docs/run_folder.md``):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -456,11 +457,15 @@ class OrderRun:
     def accuracies(self, weights, tasks: Sequence[int], seen_upto: int, split: str = "test") -> dict[str, float]:
         out = {}
         for i in tasks:
+            wrap = None
             if isinstance(weights, PerTaskMergeResult):
-                encoder = weights.task_state_dict(min(i, weights.num_tasks - 1))
+                task = min(i, weights.num_tasks - 1)
+                encoder = weights.task_state_dict(task)
+                if hasattr(weights, "wrap_head"):  # per-task modules on the features (Surgery)
+                    wrap = functools.partial(weights.wrap_head, task)
             else:
                 encoder = weights
-            out.update(self.pool.accuracy(encoder, self.stages, i, seen_upto, split=split))
+            out.update(self.pool.accuracy(encoder, self.stages, i, seen_upto, split=split, wrap_head=wrap))
         return out
 
     def mean_accuracy(self, weights, tasks, split):

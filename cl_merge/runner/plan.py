@@ -259,19 +259,27 @@ def _stage_key(stage) -> tuple:
 def _state_copies(method, num_stages: int) -> float:
     """Size of an incremental strategy's saved states over ``num_stages``
     stages, in copies of the model: measured on a small stand-in model (the
-    state's layout is per entry, so the ratio carries over)."""
+    state's layout is per entry, so the ratio carries over). Data-based
+    strategies need a model to run, so theirs is estimated at two copies per
+    stage (Fisher's weighted sum and normaliser; RegMean's Gram sums are
+    larger for wide layers)."""
     import torch
 
-    from cl_merge.merging import IncrementalMerger
+    from cl_merge.merging import build_strategy
 
+    strategy = build_strategy(method)
+    if "model" in strategy.needs:
+        return 2.0 * num_stages
     generator = torch.Generator().manual_seed(0)
-    theta0 = {"w": torch.zeros(16, 8), "b": torch.zeros(16)}
+    # block-indexed keys, so depth-aware strategies (LiNeS) find their layers
+    theta0 = {"blocks.0.w": torch.zeros(16, 8), "blocks.0.b": torch.zeros(16)}
     base_bytes = sum(v.numel() * v.element_size() for v in theta0.values())
-    merger = IncrementalMerger(method, theta0)
+    strategy.start(theta0)
     total = 0.0
     for _ in range(num_stages):
-        merger.update({k: torch.randn(v.shape, generator=generator) for k, v in theta0.items()})
-        total += sum(v.numel() * v.element_size() for v in merger.state_dict().values()) / base_bytes
+        strategy.update({k: torch.randn(v.shape, generator=generator) for k, v in theta0.items()})
+        state = strategy.state_dict() or {}
+        total += sum(v.numel() * v.element_size() for v in state.values()) / base_bytes
     return total
 
 
@@ -333,7 +341,9 @@ def _build_plan(scenario, accelerator: str) -> RunPlan:
 
     merge_steps = 1 if multi_task else num_stages
     merges = {name: merge_steps * len(orders) for name in methods}
-    incremental = {name: m.supports_incremental() and not multi_task for name, m in methods.items()}
+    from cl_merge.merging import build_strategy
+
+    incremental = {name: build_strategy(m).incremental and not multi_task for name, m in methods.items()}
     state_copies = {name: (_state_copies(methods[name], num_stages) if incremental[name] else 0.0)
                     for name in methods}
 
