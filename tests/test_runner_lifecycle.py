@@ -132,6 +132,12 @@ def _refusal(name: str) -> str | None:
     return None
 
 
+# the run checks the plumbing, not convergence: test-time optimisers take few steps
+SHORT_HPARAMS = {"adamerging": {"max_steps": 5},
+                 "surgery": {"steps": 5, "base_hyperparameters": {"max_steps": 5}},
+                 "dop": {"num_steps": 20}, "wudi": {"num_steps": 20}}
+
+
 @pytest.fixture(scope="module")
 def every_strategy_run(trained, tmp_path_factory):
     """One 3-stage continual run with every registered strategy that can run
@@ -145,7 +151,8 @@ def every_strategy_run(trained, tmp_path_factory):
     folders = {}
     for k, group in enumerate(g for g in groups if g):
         calibrations = [c for c in (_calibration_for(n) for n in group) if c is not None]
-        scenario = _scenario(tmp, stages=_checkpoint_stages(trained_out), merge=[{"method": n} for n in group],
+        scenario = _scenario(tmp, stages=_checkpoint_stages(trained_out),
+                             merge=[{"method": n, "hyperparameters": SHORT_HPARAMS.get(n, {})} for n in group],
                              keep={"merged": "all"}, calibration=calibrations[0] if calibrations else None,
                              eval={"batch_size": 128, "max_test": 20})
         out = tmp / f"run{k}"
