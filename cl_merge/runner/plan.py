@@ -274,7 +274,14 @@ def _state_copies(method, num_stages: int) -> float:
     # block-indexed keys, so depth-aware strategies (LiNeS) find their layers
     theta0 = {"blocks.0.w": torch.zeros(16, 8), "blocks.0.b": torch.zeros(16)}
     base_bytes = sum(v.numel() * v.element_size() for v in theta0.values())
-    strategy.start(theta0)
+    if getattr(method, "create_strategy", None) is None:
+        from cl_merge.merging import IncrementalMerger
+
+        if not method.supports_incremental():
+            return 0.0
+        strategy = IncrementalMerger(method, theta0)  # the state alone, without a strategy's bookkeeping
+    else:
+        strategy.start(theta0)
     total = 0.0
     for _ in range(num_stages):
         strategy.update({k: torch.randn(v.shape, generator=generator) for k, v in theta0.items()})
