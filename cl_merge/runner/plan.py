@@ -21,6 +21,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cl_merge.errors import ClMergeError, ConfigError
 
 # artifacts each step leaves, in copies of the encoder (see cl_merge/runner/loop.py's layout)
@@ -380,10 +382,37 @@ def _build_plan(scenario, accelerator: str) -> RunPlan:
                    missing_inputs=missing)
 
 
-def validate_run(scenario, accelerator: str = "auto") -> RunPlan:
-    """``build_plan`` plus the inputs a run needs to exist (stage checkpoints):
-    called before the run folder is created."""
+def _check_k_shot(scenario, data_root) -> None:
+    """A ``k_shot`` larger than a class of the task's training split, found
+    from the labels alone (no image is decoded). Data that is not there yet
+    (``--download`` fetches it at the fine-tune) is not checked here."""
+    from cl_merge.data import load_task
+    from cl_merge.errors import DataError
+    from cl_merge.runner.evaluation import stage_task_spec
+
+    for i, stage in enumerate(scenario.stages):
+        if stage.k_shot is None or stage.checkpoint is not None:
+            continue
+        spec = dataclasses.replace(stage_task_spec(stage, scenario), k_shot=None, max_train=None)
+        try:
+            task = load_task(spec, data_root, seed=scenario.seed)
+        except DataError:
+            continue
+        labels = task.train.labels
+        counts = np.bincount(labels, minlength=len(task.classnames)) if len(labels) else np.zeros(1, np.int64)
+        smallest = int(np.argmin(counts))
+        if counts[smallest] < stage.k_shot:
+            raise ConfigError(f"{_where(scenario)}: stages[{i}].k_shot: {stage.k_shot} is larger than class "
+                              f"{smallest} ({task.classnames[smallest]!r}) of {stage.name}, which has "
+                              f"{int(counts[smallest])} training examples")
+
+
+def validate_run(scenario, accelerator: str = "auto", data_root=None) -> RunPlan:
+    """``build_plan`` plus what a run needs to exist (stage checkpoints) and
+    what only the data can tell (a ``k_shot`` larger than a class): called
+    before the run folder is created."""
     plan = build_plan(scenario, accelerator)
+    _check_k_shot(scenario, data_root)
     if plan.missing_inputs:
         raise ConfigError(f"{_where(scenario)}: {plan.missing_inputs[0].split(' (the run')[0]}")
     from cl_merge.core.io import CheckpointReader

@@ -86,7 +86,7 @@ def _setup(scenario, options: RunOptions, lock: bool = True) -> _RunSetup:
     from cl_merge.runner.loop import scenario_rows
     from cl_merge.runner.plan import validate_run
 
-    validate_run(scenario, options.accelerator)  # before the run folder exists: a bad config leaves nothing behind
+    validate_run(scenario, options.accelerator, options.data_root)  # before the run folder exists: a bad config leaves nothing behind
     accelerator, device = resolve_device(scenario, options)
     options.resolved_accelerator = accelerator
     root = Path(options.out_dir)
