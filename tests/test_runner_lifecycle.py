@@ -416,6 +416,7 @@ def test_calibration_is_validated(trained, tmp_path, recording_methods):
                     calibration={"n_per_class": 500, "labeled": True})
     with pytest.raises(ConfigError, match=r"n_per_class: 500 per class is more than the 'train' split of task 'digits'"):
         _run(big, tmp_path / "big")
+    assert not (tmp_path / "big").exists()  # found from the labels, before the run folder is made
 
 
 # ---------------------------------------------------------------- device

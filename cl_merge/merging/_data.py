@@ -192,14 +192,18 @@ class DataBasedStrategy(MergeStrategy):
                                        device=self.device)
         return out
 
+    def task_head(self, task: TaskInput):
+        """The task's head: ``task.head``, else the context's head for its index (None: the output is the logits)."""
+        heads = self.context.heads
+        if task.head is None and heads is not None and task.index < len(heads):
+            return heads[task.index]
+        return task.head
+
     def task_logits(self, task: TaskInput, weights: Mapping[str, Tensor], batch) -> Tensor:
         """Task ``task``'s logits under ``weights``: the module's output
         through the task's head (``task.head``, else the context's head for
         its index; none: the output is the logits)."""
-        head = task.head
-        heads = self.context.heads
-        if head is None and heads is not None and task.index < len(heads):
-            head = heads[task.index]
+        head = self.task_head(task)
         features = as_logits(self.context.call(weights, batch))
         return as_logits(head(features)) if head is not None else features
 

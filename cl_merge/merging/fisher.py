@@ -8,23 +8,13 @@ from typing import Mapping, Sequence
 import torch
 
 from cl_merge.errors import HyperparameterError, MergeInputError
-from cl_merge.merging._data import (
-    DataBasedStrategy,
-    check_method_models,
-    eval_mode,
-    require_int,
-    slice_rows,
-    take_examples,
-)
+from cl_merge.merging._data import DataBasedStrategy, check_method_models, eval_mode, require_int
+from cl_merge.merging._fisher_stats import ESTIMATORS, diagonal_fisher
 from cl_merge.merging.base import MergeMethod, check_nonnegative
-from cl_merge.merging.context import batch_size_of
 from cl_merge.merging.lifecycle import TaskInput
 from cl_merge.merging.registry import register
 
 Tensor = torch.Tensor
-
-ESTIMATORS = ("exact", "batch")
-
 
 def fisher_norm(fisher: Mapping[str, Tensor]) -> Tensor:
     """L2 norm of a model's whole diagonal Fisher (all parameters as one vector)."""
@@ -120,37 +110,13 @@ class FisherStrategy(DataBasedStrategy):
         self.param_keys = [k for k in self.merge_keys if k in params]
 
     def fisher_of(self, task: TaskInput, weights: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Diagonal Fisher of the model under ``weights`` on the task's batches."""
-        module = self.context.module
-        params = {k: weights[k].detach().clone().requires_grad_(True) for k in self.param_keys}
-        full = dict(weights)
-        full.update(params)
-        fisher = {k: torch.zeros_like(v) for k, v in params.items()}
-        names = list(params)
-        rows_used = 0
-
-        def add(outputs: Tensor, scale) -> None:
-            grads = torch.autograd.grad(outputs, [params[k] for k in names], retain_graph=True, allow_unused=True)
-            for k, g in zip(names, grads):
-                if g is not None:
-                    fisher[k].add_(g.pow(2).mul_(scale))
-
-        with eval_mode(module), torch.enable_grad():
-            for batch in take_examples(task.batches, self.method.num_examples, what=f"task {task.index}"):
-                rows = batch_size_of(batch)
-                if self.method.estimator == "batch":
-                    logits = self.task_logits(task, full, batch).float()
-                    probs = logits.softmax(-1).detach()
-                    add((probs.sqrt() * logits.log_softmax(-1)).sum(), 1.0)
-                else:
-                    for r in range(rows):
-                        one = slice_rows(batch, r, r + 1, rows)
-                        log_probs = self.task_logits(task, full, one).float().log_softmax(-1)[0]
-                        probs = log_probs.detach().exp()
-                        for c in range(log_probs.shape[0]):
-                            add(log_probs[c], float(probs[c]))
-                rows_used += rows
-        return {k: f / rows_used for k, f in fisher.items()}
+        """Diagonal Fisher of the model under ``weights`` on the task's batches
+        (its predictions, not its labels), on the device its weights are on."""
+        with eval_mode(self.context.module):
+            fisher = diagonal_fisher(self.context, weights, task.batches, self.method.num_examples,
+                                     self.task_head(task), keys=self.param_keys, estimator=self.method.estimator,
+                                     what=f"task {task.index}")
+        return {k: v.to(weights[k].device) for k, v in fisher.items()}
 
     def _absorb(self, task: TaskInput) -> None:
         m = self.method

@@ -421,8 +421,6 @@ class OrderRun:
         cal = self.scenario.calibration
         if cal is None:  # refused at scenario load; a scenario built in code may still lack it
             raise ConfigError("a data-based merging method needs a 'calibration:' section in the scenario")
-        import numpy as np
-
         from cl_merge.data import cache_tensors
         from cl_merge.data.sampling import sample_calibration
 
@@ -431,12 +429,7 @@ class OrderRun:
         data = getattr(self.pool.task(stage), split_name, None)
         if data is None:
             raise ConfigError(f"calibration.split: task {stage.name!r} has no {cal.split!r} split")
-        counts = np.bincount(np.asarray(data.labels, dtype=np.int64))
-        smallest = int(counts.argmin()) if len(counts) else 0
-        if len(counts) == 0 or counts.min() < cal.n_per_class:
-            have = int(counts.min()) if len(counts) else 0
-            raise ConfigError(f"calibration.n_per_class: {cal.n_per_class} per class is more than the {cal.split!r} "
-                              f"split of task {stage.name!r} holds (class {smallest} has {have} examples)")
+        check_calibration_request(cal, data, stage.name)
         seed = (self.scenario.seed if cal.seed is None else cal.seed) * 1000 + task_seed_index(self.scenario, stage)
         subset = sample_calibration(data, n_per_class=cal.n_per_class, seed=seed)
         cached = cache_tensors(subset, self.model.preprocess(train=False))
@@ -513,6 +506,18 @@ class _Heads(Sequence):
 
 
 # ====================================================================== task identity
+def check_calibration_request(cal, data, task_name: str) -> None:
+    """The ``calibration:`` request fits the split it samples from (every class holds ``n_per_class``)."""
+    import numpy as np
+
+    counts = np.bincount(np.asarray(data.labels, dtype=np.int64))
+    smallest = int(counts.argmin()) if len(counts) else 0
+    if len(counts) == 0 or counts.min() < cal.n_per_class:
+        have = int(counts.min()) if len(counts) else 0
+        raise ConfigError(f"calibration.n_per_class: {cal.n_per_class} per class is more than the {cal.split!r} "
+                          f"split of task {task_name!r} holds (class {smallest} has {have} examples)")
+
+
 def independent_name(scenario, stage) -> str:
     """Folder name of a stage's fine-tune from θ0, shared by every order: the
     task's name, plus a hash of its spec when orders give one name to

@@ -382,37 +382,45 @@ def _build_plan(scenario, accelerator: str) -> RunPlan:
                    missing_inputs=missing)
 
 
-def _check_k_shot(scenario, data_root) -> None:
-    """A ``k_shot`` larger than a class of the task's training split, found
-    from the labels alone (no image is decoded). Data that is not there yet
-    (``--download`` fetches it at the fine-tune) is not checked here."""
+def _check_against_data(scenario, data_root) -> None:
+    """What only the labels can tell, found before anything is written (no
+    image is decoded): a ``k_shot`` larger than a class of the training split,
+    a ``calibration:`` request larger than the split it samples. Data that is
+    not there yet (``--download`` fetches it at the fine-tune) is not checked."""
     from cl_merge.data import load_task
     from cl_merge.errors import DataError
     from cl_merge.runner.evaluation import stage_task_spec
+    from cl_merge.runner.loop import check_calibration_request
 
+    cal = scenario.calibration
     for i, stage in enumerate(scenario.stages):
-        if stage.k_shot is None or stage.checkpoint is not None:
+        if stage.k_shot is None and cal is None:
             continue
-        spec = dataclasses.replace(stage_task_spec(stage, scenario), k_shot=None, max_train=None)
+        spec = stage_task_spec(stage, scenario)
         try:
-            task = load_task(spec, data_root, seed=scenario.seed)
+            if stage.k_shot is not None:  # never set on an imported checkpoint's stage
+                unshot = load_task(dataclasses.replace(spec, k_shot=None, max_train=None), data_root, seed=scenario.seed)
+                counts = np.bincount(unshot.train.labels, minlength=len(unshot.classnames))
+                smallest = int(np.argmin(counts))
+                if counts[smallest] < stage.k_shot:
+                    raise ConfigError(f"{_where(scenario)}: stages[{i}].k_shot: {stage.k_shot} is larger than class "
+                                      f"{smallest} ({unshot.classnames[smallest]!r}) of {stage.name}, which has "
+                                      f"{int(counts[smallest])} training examples")
+            if cal is not None:
+                split = {"validation": "val"}.get(cal.split, cal.split)
+                data = getattr(load_task(spec, data_root, seed=scenario.seed), split, None)
+                if data is not None:  # a missing split is refused at the scenario's load
+                    check_calibration_request(cal, data, stage.name)
         except DataError:
             continue
-        labels = task.train.labels
-        counts = np.bincount(labels, minlength=len(task.classnames)) if len(labels) else np.zeros(1, np.int64)
-        smallest = int(np.argmin(counts))
-        if counts[smallest] < stage.k_shot:
-            raise ConfigError(f"{_where(scenario)}: stages[{i}].k_shot: {stage.k_shot} is larger than class "
-                              f"{smallest} ({task.classnames[smallest]!r}) of {stage.name}, which has "
-                              f"{int(counts[smallest])} training examples")
 
 
 def validate_run(scenario, accelerator: str = "auto", data_root=None) -> RunPlan:
     """``build_plan`` plus what a run needs to exist (stage checkpoints) and
-    what only the data can tell (a ``k_shot`` larger than a class): called
+    what only the labels can tell (``k_shot``, ``calibration:`` sizes): called
     before the run folder is created."""
     plan = build_plan(scenario, accelerator)
-    _check_k_shot(scenario, data_root)
+    _check_against_data(scenario, data_root)
     if plan.missing_inputs:
         raise ConfigError(f"{_where(scenario)}: {plan.missing_inputs[0].split(' (the run')[0]}")
     from cl_merge.core.io import CheckpointReader
