@@ -472,6 +472,34 @@ def test_diagonal_fisher_matches_autograd_on_the_module(with_labels, reduction):
     assert all(torch.equal(model.state_dict()[k], base[k]) for k in base)  # the module's own values untouched
 
 
+@pytest.mark.parametrize("with_labels", [True, False])
+def test_exact_diagonal_fisher_is_the_per_example_definition(with_labels):
+    # the exact estimator: one example at a time, Σ_y p_y g_y² (expected) or g_label² (empirical)
+    model, base, tvs, data, labels = tiny_setup(rows=3, num_batches=2)
+    weights = {k: base[k] + tvs[1][k] for k in base}
+    ours = diagonal_fisher(MergeContext(module=model), weights, data[0], None, estimator="exact",
+                           labels=labels[0] if with_labels else None)
+    import copy
+
+    m = copy.deepcopy(model)
+    m.load_state_dict(weights)
+    ref = {n: torch.zeros_like(p) for n, p in m.named_parameters()}
+    xs, ys = torch.cat(data[0]), torch.cat(labels[0])
+    for x, y in zip(xs, ys):
+        log_p = torch.log_softmax(m(x[None]), -1)[0]
+        classes = [(int(y), 1.0)] if with_labels else [(c, float(log_p[c].exp())) for c in range(3)]
+        for c, weight in classes:
+            m.zero_grad()
+            log_p[c].backward(retain_graph=True)
+            for n, p in m.named_parameters():
+                if p.grad is not None:
+                    ref[n] += weight * p.grad ** 2 / len(xs)
+    for name, value in ref.items():
+        assert torch.allclose(ours[name], value, atol=1e-9, rtol=1e-5), name
+    with pytest.raises(MergeInputError, match="reduction must be 'sum'"):
+        diagonal_fisher(MergeContext(module=model), weights, data[0], None, estimator="exact", reduction="mean")
+
+
 def test_diagonal_fisher_counts_examples_before_each_batch():
     model, base, tvs, data, labels = tiny_setup(rows=4)
     weights = {k: base[k] + tvs[0][k] for k in base}

@@ -101,7 +101,8 @@ class MergeStrategy(abc.ABC):
         if self.pretrained is None:
             raise RuntimeError(f"{self.name}: start() before absorb()")
         if "data" in self.needs and task.batches is None:
-            raise MergeInputError(f"{self.name} needs calibration data for task {task.index} ({task.name or '?'}): "
+            named = f" ({task.name})" if task.name else ""
+            raise MergeInputError(f"{self.name} needs calibration data for task {task.index}{named}: "
                                   "pass data=[batches of task 0, ...]")
         self._absorb(task)
         self.num_absorbed += 1
