@@ -31,6 +31,7 @@ import platform
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -56,6 +57,9 @@ log = logging.getLogger(__name__)
 # fine-tune); the console keeps to progress bars and results. Its warnings still show.
 for _name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# Lightning 2.6 on torch 2.13 trips torch's own deprecation of LeafSpec inside its pytree helper: a
+# library mismatch no user can act on, printed at the first fit of every process.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 METADATA_FORMAT = 1
 ENCODER_FILE, TASK_VECTOR_FILE, HEAD_FILE, METADATA_FILE = (
     "encoder.safetensors", "task_vector.safetensors", "head.safetensors", "metadata.json"
