@@ -62,11 +62,11 @@ MEMORY_METHODS = [
 
 
 # ----------------------------------------------------------------- accuracy
-def calibration_batches(pool, stage, examples: int, batch_size: int = 32):
-    inputs, labels = pool.tensors(stage, "train")
-    inputs, labels = inputs[:examples], labels[:examples]
-    starts = range(0, len(labels), batch_size)
-    return [inputs[s:s + batch_size] for s in starts], [labels[s:s + batch_size] for s in starts]
+def calibration_batches(order_run, stage, examples: int, batch_size: int = 32):
+    from _bench_runs import batches_of, split_tensors
+
+    inputs, labels = split_tensors(order_run, stage, "train", examples)
+    return batches_of(inputs, batch_size), batches_of(labels, batch_size)
 
 
 def run_accuracy(args) -> dict:
@@ -75,31 +75,24 @@ def run_accuracy(args) -> dict:
     import cl_merge  # noqa: F401
     from cl_merge.merging import MergeContext, TaskInput, build_strategy, get_method
     from cl_merge.metrics import backward_transfer, final_average_accuracy
+    from _bench_runs import open_order_run
     from cl_merge.runner import RunOptions
-    from cl_merge.runner.folder import RunFolder
-    from cl_merge.runner.run import _order_run, _quiet_lightning, _setup
     from cl_merge.scenario import load_scenario
     from cl_merge.scenario.orders import seeded_permutation
-    from cl_merge.core.task_vector import TaskVector
 
     torch.set_num_threads(args.threads)
-    _quiet_lightning()
     scenario = load_scenario(args.scenario, overrides=args.set)
     options = RunOptions(out_dir=Path(args.run), data_root=args.data_root, wandb_mode="disabled", progress=False,
                          log=lambda msg: print(msg, flush=True))
-    root, top, pretrained, model = _setup(scenario, options)
-    stages = scenario.expand_orders()[0]
-    order_run = _order_run(scenario, stages, top, pretrained, model, options)
+    order_run, stages = open_order_run(scenario, options)
+    model = order_run.model
     t0 = time.time()
-    vectors = {}
-    for t, stage in enumerate(stages):
-        _, tv_path = order_run._finetuned("independent", t)
-        vectors[stage.name] = TaskVector.load(tv_path)
+    vectors = {stage.name: order_run.task_vector("independent", t) for t, stage in enumerate(stages)}
     print(f"task vectors ready ({time.time() - t0:.0f} s)", flush=True)
     pool = order_run.pool
-    theta0 = pool.theta0
+    theta0 = order_run.theta0
     model_numel = sum(v.numel() for v in theta0.values() if v.is_floating_point())
-    calib = {s.name: calibration_batches(pool, s, args.calibration) for s in stages}
+    calib = {s.name: calibration_batches(order_run, s, args.calibration) for s in stages}
 
     orders = [list(range(len(stages)))] + [seeded_permutation(len(stages), "bench_continual", k)
                                            for k in range(1, args.orders)]

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import cl_merge  # noqa: F401  (torchvision shim)
 import torch
+from _bench_runs import batches_of, open_order_run, split_tensors
 
 DEFAULT_METHODS = (
     "task_arithmetic=task_arithmetic:scaling=0.3",
@@ -97,11 +98,6 @@ def _rss() -> int:
     return 0
 
 
-def batches_of(inputs: torch.Tensor, size: int, limit: int | None = None) -> list[torch.Tensor]:
-    inputs = inputs if limit is None else inputs[:limit]
-    return [inputs[i:i + size] for i in range(0, len(inputs), size)]
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench-data-merging"))
@@ -118,7 +114,7 @@ def main() -> int:
     from cl_merge.merging import MergeContext, TaskInput, build_strategy, get_method
     from cl_merge.merging.base import PerTaskMergeResult
     from cl_merge.merging.surgery import SurgeryResult
-    from cl_merge.runner.run import RunOptions, _order_run, _setup, run_scenario
+    from cl_merge.runner.run import RunOptions, run_scenario
     from cl_merge.scenario.loader import find_scenario, scenario_from_dict
     import yaml
 
@@ -135,37 +131,23 @@ def main() -> int:
     run_scenario(scenario, options)  # prints zero-shot / individual / task arithmetic
     print(f"fine-tuning and reference rows: {time.perf_counter() - t0:.0f} s")
 
-    root, top, pretrained, model = _setup(scenario, options)
-    stages = scenario.expand_orders()[0]
-    order_run = _order_run(scenario, stages, top, pretrained, model, options)
-    pool = order_run.pool
-    theta0 = pool.theta0
-    task_vectors = [order_run._task_vector("independent", t) for t in range(len(stages))]
-    task_vectors = [dict(tv) for tv in task_vectors]
+    order_run, stages = open_order_run(scenario, options)
+    pool, model, theta0 = order_run.pool, order_run.model, order_run.theta0
+    task_vectors = [dict(order_run.task_vector("independent", t)) for t in range(len(stages))]
     heads = [pool.head(stages, i, len(stages) - 1)[0] for i in range(len(stages))]
-    generator = torch.Generator().manual_seed(scenario.seed)
-    train = []
-    for stage in stages:
-        inputs, _labels = pool.tensors(stage, "train")
-        order = torch.randperm(len(inputs), generator=generator)  # seeded calibration sample
-        train.append(batches_of(inputs[order], 32, limit=args.calib))
-    test = [batches_of(pool.tensors(stage, "test")[0], 16) for stage in stages]
+    # calibration: a seeded sample of each task's train split; test-time methods: its unlabeled test inputs
+    train = [batches_of(split_tensors(order_run, stage, "train", args.calib, seed=scenario.seed + t)[0], 32)
+             for t, stage in enumerate(stages)]
+    test = [batches_of(split_tensors(order_run, stage, "test")[0], 16) for stage in stages]
     encoder = model.encoder.eval()
     context = MergeContext(module=encoder, heads=heads)
 
-    @torch.no_grad()
     def accuracy(result) -> list[float]:
         accs = []
         for i, stage in enumerate(stages):
             weights = result.task_state_dict(i) if isinstance(result, PerTaskMergeResult) else result
-            model.load_encoder_state_dict(weights)
-            head = result.wrap_head(i, heads[i]) if isinstance(result, SurgeryResult) else heads[i]
-            inputs, labels = pool.tensors(stage, "test")
-            correct = 0
-            for start in range(0, len(labels), 256):
-                logits = head(encoder(inputs[start:start + 256]))
-                correct += int((logits.argmax(-1) == labels[start:start + 256]).sum())
-            accs.append(100.0 * correct / len(labels))
+            wrap = (lambda head, i=i: result.wrap_head(i, head)) if isinstance(result, SurgeryResult) else None
+            accs.append(100.0 * pool.accuracy(weights, stages, i, len(stages) - 1, wrap_head=wrap)[stage.name])
         model.load_encoder_state_dict(theta0)
         return accs
 

@@ -466,3 +466,31 @@ def test_per_task_head_wrappers_reach_evaluation():
     run.pool, run.stages = Pool(), [None, None]
     assert run.accuracies(result, [0, 1], seen_upto=1) == {"t0": 0.0, "t1": 1.0}
     assert calls == [0, 1]
+
+
+# ---------------------------------------------------------------- the accuracy benchmarks' view of a run
+def test_benchmark_scripts_open_a_finished_run(trained, monkeypatch):
+    """scripts/bench_data_merging.py and bench_continual.py read task vectors,
+    heads and calibration tensors of a finished run through the runner: that
+    access must keep working as the runner changes (it broke once)."""
+    import sys
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    from _bench_runs import batches_of, open_order_run, split_tensors
+
+    scenario, out, _ = trained
+    counts = Counter()
+    options = RunOptions(out_dir=out, progress=False, wandb_mode="disabled", log=lambda m: None,
+                         hook=lambda kind, name: counts.update([kind]))
+    order_run, stages = open_order_run(scenario, options)
+    tv = order_run.task_vector("independent", 1)
+    encoder = load_state_dict(out / "finetune" / "independent" / NAMES[1] / "encoder.safetensors")
+    assert all(torch.equal(tv[k], encoder[k] - order_run.theta0[k]) for k in encoder)
+    assert counts["finetune"] == 0  # found done, not redone
+    inputs, labels = split_tensors(order_run, stages[0], "train", 20, seed=3)
+    again, _ = split_tensors(order_run, stages[0], "train", 20, seed=3)
+    assert inputs.shape[0] == labels.shape[0] == 20 and torch.equal(inputs, again)
+    assert [len(b) for b in batches_of(inputs, 8)] == [8, 8, 4]
+    accuracy = order_run.pool.accuracy(dict(order_run.theta0), stages, 0, 0)[stages[0].name]
+    assert 0.0 <= accuracy <= 1.0
