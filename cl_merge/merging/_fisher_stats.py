@@ -92,7 +92,7 @@ def diagonal_fisher(context: MergeContext, weights: Mapping[str, Tensor], batche
         grads = torch.autograd.grad(objective, [params[k] for k in trained], allow_unused=True, retain_graph=retain)
         for key, grad in zip(trained, grads):
             if grad is not None:
-                fisher[key].add_(grad.detach().square().mul_(weight))
+                fisher[key].addcmul_(grad, grad, value=weight)  # one fused pass: F += w·g²
 
     if num_examples is not None:
         batches = take_examples(batches, num_examples, what=what)
