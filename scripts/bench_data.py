@@ -22,6 +22,9 @@ kernel drops under memory pressure.
 
     python scripts/bench_data.py --sizes 10000 50000 --workers 2 --out /tmp/bench_data
 
+The datasets are written once per size (``folder_<size>``, ``hf_<size>`` under
+``--data-dir``, default ``--out``) and reused by later runs.
+
 Results are printed as a table and written to ``<out>/results.json``.
 """
 
@@ -232,6 +235,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 50000])
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "cl_merge_bench_data")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="where the synthetic datasets are written once and reused (default: --out)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
     parser.add_argument("--batch", type=int, default=64)
@@ -249,7 +254,7 @@ def main(argv=None) -> int:
     results = []
     for size in args.sizes:
         started = time.perf_counter()
-        folder, hf = write_dataset(args.out, size)
+        folder, hf = write_dataset(args.data_dir or args.out, size)
         print(f"[{size}] dataset ready in {time.perf_counter() - started:.0f} s: {folder}, {hf}", flush=True)
         runs = [("plain", "folder", folder)] if "plain" in args.kinds else []
         runs += [(k, layout, folder if layout == "folder" else hf) for k in ("pipeline", "finetune")
