@@ -290,3 +290,23 @@ def test_ddp_ranks_train_on_slices_of_the_single_process_batches(tmp_path):
     for step in range(7):
         assert len(rank0[step]) == len(rank1[step]) == 4
         assert rank0[step] + rank1[step] == single[step]
+
+
+def test_evaluation_trims_the_heap_without_changing_predictions(monkeypatch):
+    import importlib
+
+    from cl_merge.models import create_model
+
+    evaluate_module = importlib.import_module("cl_merge.lit.evaluate")  # the module, not cl_merge.lit.evaluate()
+
+    model = create_model("vit", "clmerge-tiny-vit")
+    head = model.make_head(["a", "b", "c"])
+    evaluate_module.release_freed_heap()  # the real one: glibc's malloc_trim, or nothing
+    data = _Task(n_train=1, n_val=20).test
+    plain = evaluate_module.predict_logits(model, None, head, data, batch_size=4)
+    trims = []
+    monkeypatch.setattr(evaluate_module, "TRIM_EVERY_BYTES", 1)  # after every batch
+    monkeypatch.setattr(evaluate_module, "release_freed_heap", lambda: trims.append(1))
+    trimmed = evaluate_module.predict_logits(model, None, head, data, batch_size=4)
+    assert len(trims) == 5
+    assert torch.equal(plain[0], trimmed[0]) and torch.equal(plain[1], trimmed[1])
