@@ -245,6 +245,9 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--kinds", nargs="+", default=["plain", "pipeline", "finetune"])
     parser.add_argument("--layouts", nargs="+", default=["folder", "hf"])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of all measurements, one after the other (on a shared machine the ratios "
+                             "within a round are the comparable ones)")
     parser.add_argument("--measure", nargs=3, metavar=("KIND", "LAYOUT", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
@@ -259,7 +262,7 @@ def main(argv=None) -> int:
         runs = [("plain", "folder", folder)] if "plain" in args.kinds else []
         runs += [(k, layout, folder if layout == "folder" else hf) for k in ("pipeline", "finetune")
                  if k in args.kinds for layout in args.layouts]
-        for kind, layout, path in runs:
+        for (kind, layout, path), repeat in [(run, r) for r in range(args.repeats) for run in runs]:
             passthrough = ["--workers", str(args.workers), "--threads", str(args.threads), "--batch", str(args.batch),
                            "--steps", str(args.steps), "--accelerator", args.accelerator,
                            "--precision", args.precision]
@@ -268,16 +271,20 @@ def main(argv=None) -> int:
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return proc.returncode
-            row = {"size": size, **json.loads(proc.stdout.strip().splitlines()[-1])}
+            row = {"size": size, "repeat": repeat, **json.loads(proc.stdout.strip().splitlines()[-1])}
             results.append(row)
             print(json.dumps(row), flush=True)
             (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'size':>6} {'kind':>9} {'layout':>7} {'peak RSS GiB':>13} {'anon GiB':>9} {'pipeline img/s':>15} "
-          f"{'train img/s':>12} {'eval img/s':>11}")
+    print(f"\n{'size':>6} {'round':>5} {'kind':>9} {'layout':>7} {'peak RSS GiB':>13} {'anon GiB':>9} "
+          f"{'pipeline img/s':>15} {'vs plain':>8} {'train img/s':>12} {'eval img/s':>11}")
     for r in results:
         fmt = lambda key: f"{r[key]:.0f}" if key in r else "-"  # noqa: E731
-        print(f"{r['size']:>6} {r['kind']:>9} {r['layout']:>7} {r['peak_rss_gib']:>13.2f} {r.get('peak_anon_gib', 0):>9.2f} "
-              f"{fmt('pipeline_images_per_s'):>15} {fmt('train_images_per_s'):>12} {fmt('eval_images_per_s'):>11}")
+        plain = [p for p in results if p["kind"] == "plain" and (p["size"], p["repeat"]) == (r["size"], r["repeat"])]
+        ratio = (f"{r['pipeline_images_per_s'] / plain[0]['pipeline_images_per_s']:.0%}"
+                 if plain and "pipeline_images_per_s" in r else "-")
+        print(f"{r['size']:>6} {r['repeat']:>5} {r['kind']:>9} {r['layout']:>7} {r['peak_rss_gib']:>13.2f} "
+              f"{r.get('peak_anon_gib', 0):>9.2f} {fmt('pipeline_images_per_s'):>15} {ratio:>8} "
+              f"{fmt('train_images_per_s'):>12} {fmt('eval_images_per_s'):>11}")
     return 0
 
 
