@@ -22,7 +22,12 @@ kernel drops under memory pressure.
 
     python scripts/bench_data.py --sizes 10000 50000 --workers 2 --out /tmp/bench_data
 
-Results are printed as a table and written to ``<out>/results.json``.
+The datasets are written once per size (``folder_<size>``, ``hf_<size>`` under
+``--data-dir``, default ``--out``) and reused by later runs.
+
+Throughput is given per second of wall-clock time and per CPU second of the
+process and its workers (the latter moves less when other jobs share the
+machine). Results are printed as a table and written to ``<out>/results.json``.
 """
 
 from __future__ import annotations
@@ -67,6 +72,16 @@ def _rss_kib(pid: int) -> tuple[int, int]:
     return rss, anon
 
 
+def _cpu_ticks(pid: int) -> int:
+    """User + system CPU time of ``pid`` so far, in clock ticks (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def _descendants(pid: int) -> list[int]:
     out, stack = [], [pid]
     while stack:
@@ -87,20 +102,29 @@ def _descendants(pid: int) -> list[int]:
 
 
 class PeakRSS:
-    """Largest RSS of this process plus its descendants, sampled in a thread."""
+    """Largest RSS of this process plus its descendants, sampled in a thread;
+    also the CPU time they spent meanwhile (``cpu_seconds``: images per CPU
+    second is the pipeline's cost, which other jobs on a shared machine do
+    not change as much as its wall-clock rate; a worker's time is counted up
+    to its last sample, at most one interval before it exits)."""
 
     def __init__(self, interval: float = 0.05):
         self.interval, self.peak_kib, self.peak_anon_kib, self._stop = interval, 0, 0, threading.Event()
+        self._ticks: dict[int, int] = {}
 
     def _run(self):
         pid = os.getpid()
         while not self._stop.is_set():
-            samples = [_rss_kib(p) for p in [pid, *_descendants(pid)]]
+            pids = [pid, *_descendants(pid)]
+            samples = [_rss_kib(p) for p in pids]
             self.peak_kib = max(self.peak_kib, sum(r for r, _ in samples))
             self.peak_anon_kib = max(self.peak_anon_kib, sum(a for _, a in samples))
+            for p in pids:
+                self._ticks[p] = max(self._ticks.get(p, 0), _cpu_ticks(p))
             self._stop.wait(self.interval)
 
     def __enter__(self):
+        self._start_ticks = _cpu_ticks(os.getpid())
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -108,6 +132,16 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        self._ticks[os.getpid()] = _cpu_ticks(os.getpid())
+
+    def start_cpu(self) -> None:
+        """Count CPU time from now (the timed loop), not the set-up before it."""
+        self._start_ticks = _cpu_ticks(os.getpid())
+        self._ticks = {p: t for p, t in self._ticks.items() if p == os.getpid()}
+
+    @property
+    def cpu_seconds(self) -> float:
+        return (sum(self._ticks.values()) - self._start_ticks) / os.sysconf("SC_CLK_TCK")
 
     @property
     def peak_gib(self) -> float:
@@ -187,6 +221,7 @@ def measure(kind: str, layout: str, path: Path, args) -> dict:
             dataset = ImageFolder(str(path / "train"), transform=transform)
             loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True,
                                                  num_workers=args.workers, drop_last=True)
+            peak.start_cpu()
             started, n = time.perf_counter(), 0
             for images, _ in loader:
                 n += len(images)
@@ -201,8 +236,10 @@ def measure(kind: str, layout: str, path: Path, args) -> dict:
                 dm = TaskDataModule(task, train_transform=transform, eval_transform=transform,
                                     batch_size=args.batch, num_workers=args.workers)
                 dm.setup("fit")
+                loader = dm.train_dataloader()
+                peak.start_cpu()
                 started, n = time.perf_counter(), 0
-                for images, _ in dm.train_dataloader():
+                for images, _ in loader:
                     n += len(images)
                 result["pipeline_images_per_s"] = n / (time.perf_counter() - started)
                 result["images"] = n
@@ -222,6 +259,9 @@ def measure(kind: str, layout: str, path: Path, args) -> dict:
                                num_workers=args.workers, device=None, precision=args.precision)
                 result["eval_images_per_s"] = len(task.test) / (time.perf_counter() - started)
                 result["test_images"], result["test_acc"] = len(task.test), acc
+    result["cpu_seconds"] = round(peak.cpu_seconds, 1)
+    if "images" in result:
+        result["pipeline_images_per_cpu_s"] = result["images"] / max(peak.cpu_seconds, 1e-9)
     result["peak_rss_gib"] = round(peak.peak_gib, 3)
     result["peak_anon_gib"] = round(peak.peak_anon_kib / 2**20, 3)
     return result
@@ -232,6 +272,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10000, 50000])
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "cl_merge_bench_data")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="where the synthetic datasets are written once and reused (default: --out)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
     parser.add_argument("--batch", type=int, default=64)
@@ -240,6 +282,9 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--kinds", nargs="+", default=["plain", "pipeline", "finetune"])
     parser.add_argument("--layouts", nargs="+", default=["folder", "hf"])
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="rounds of all measurements, one after the other (on a shared machine the ratios "
+                             "within a round are the comparable ones)")
     parser.add_argument("--measure", nargs=3, metavar=("KIND", "LAYOUT", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.measure:
@@ -249,12 +294,12 @@ def main(argv=None) -> int:
     results = []
     for size in args.sizes:
         started = time.perf_counter()
-        folder, hf = write_dataset(args.out, size)
+        folder, hf = write_dataset(args.data_dir or args.out, size)
         print(f"[{size}] dataset ready in {time.perf_counter() - started:.0f} s: {folder}, {hf}", flush=True)
         runs = [("plain", "folder", folder)] if "plain" in args.kinds else []
         runs += [(k, layout, folder if layout == "folder" else hf) for k in ("pipeline", "finetune")
                  if k in args.kinds for layout in args.layouts]
-        for kind, layout, path in runs:
+        for (kind, layout, path), repeat in [(run, r) for r in range(args.repeats) for run in runs]:
             passthrough = ["--workers", str(args.workers), "--threads", str(args.threads), "--batch", str(args.batch),
                            "--steps", str(args.steps), "--accelerator", args.accelerator,
                            "--precision", args.precision]
@@ -263,16 +308,22 @@ def main(argv=None) -> int:
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return proc.returncode
-            row = {"size": size, **json.loads(proc.stdout.strip().splitlines()[-1])}
+            row = {"size": size, "repeat": repeat, **json.loads(proc.stdout.strip().splitlines()[-1])}
             results.append(row)
             print(json.dumps(row), flush=True)
             (args.out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\n{'size':>6} {'kind':>9} {'layout':>7} {'peak RSS GiB':>13} {'anon GiB':>9} {'pipeline img/s':>15} "
-          f"{'train img/s':>12} {'eval img/s':>11}")
+    print(f"\n{'size':>6} {'round':>5} {'kind':>9} {'layout':>7} {'peak RSS GiB':>13} {'anon GiB':>9} "
+          f"{'pipeline img/s':>15} {'vs plain':>8} {'img/CPU-s':>9} {'vs plain':>8} {'train img/s':>12} "
+          f"{'eval img/s':>11}")
     for r in results:
         fmt = lambda key: f"{r[key]:.0f}" if key in r else "-"  # noqa: E731
-        print(f"{r['size']:>6} {r['kind']:>9} {r['layout']:>7} {r['peak_rss_gib']:>13.2f} {r.get('peak_anon_gib', 0):>9.2f} "
-              f"{fmt('pipeline_images_per_s'):>15} {fmt('train_images_per_s'):>12} {fmt('eval_images_per_s'):>11}")
+        plain = [p for p in results if p["kind"] == "plain" and (p["size"], p["repeat"]) == (r["size"], r["repeat"])]
+        ratio = lambda key: (f"{r[key] / plain[0][key]:.0%}" if plain and key in r and key in plain[0]  # noqa: E731
+                             else "-")
+        print(f"{r['size']:>6} {r['repeat']:>5} {r['kind']:>9} {r['layout']:>7} {r['peak_rss_gib']:>13.2f} "
+              f"{r.get('peak_anon_gib', 0):>9.2f} {fmt('pipeline_images_per_s'):>15} "
+              f"{ratio('pipeline_images_per_s'):>8} {fmt('pipeline_images_per_cpu_s'):>9} "
+              f"{ratio('pipeline_images_per_cpu_s'):>8} {fmt('train_images_per_s'):>12} {fmt('eval_images_per_s'):>11}")
     return 0
 
 

@@ -43,6 +43,8 @@ class TrainConfig:
     transformed in the workers).
     ``accelerator``/``devices``/``strategy``/``precision``/``num_nodes`` go to
     ``lightning.Trainer`` unchanged ("ddp", "fsdp", "bf16-mixed", ...).
+    Under a multi-process strategy ``batch_size`` is the global batch: each
+    process trains on its slice of the batch a single process would draw.
     ``val_check_interval``: validate every n steps (int) during training;
     ``None`` validates only once at the end (``eval_splits``).
     ``deterministic``: ``Trainer(deterministic=...)``; CPU runs are

@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cl_merge.data import cache_tensors
-from cl_merge.errors import DataError
+from cl_merge.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,14 @@ def _mixed_seed(*parts: int) -> int:
     return value
 
 
+def _distributed_rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 class StepBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of ``(index, epoch)`` keys; the batch at global step ``s`` is a
     function of ``(seed, s)`` alone.
@@ -49,15 +57,36 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
     seeded permutation. Each ``__iter__`` starts at ``step_fn()`` (the trainer's
     ``global_step`` when the pass begins) and runs to the end of that epoch, so
     the pass after a resume yields only the batches the checkpoint had not seen.
+
+    Distributed (DDP): ``batch_size`` is the global batch. Rank ``r`` of
+    ``world_size`` yields its contiguous slice of the global batch of each step
+    (the ranks' slices, concatenated in rank order, are the single-process
+    batch), so the data seen per step, and a resume, do not depend on the
+    number of processes. ``rank``/``world_size`` default to torch.distributed's
+    when a process group is initialised, else a single process.
     """
 
     def __init__(self, n: int, batch_size: int, *, seed: int, drop_last: bool, shuffle: bool = True,
-                 step_fn: Callable[[], int] | None = None):
+                 step_fn: Callable[[], int] | None = None, rank: int | None = None, world_size: int | None = None):
         if n < 1:
             raise DataError("cannot sample batches from an empty split")
         self.n, self.batch_size, self.seed = n, batch_size, int(seed)
         self.drop_last, self.shuffle = drop_last, shuffle
         self.step_fn = step_fn or (lambda: 0)
+        if rank is None or world_size is None:
+            found_rank, found_world = _distributed_rank_and_world()
+            rank = found_rank if rank is None else rank
+            world_size = found_world if world_size is None else world_size
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"batch sampler: rank {rank} is not in 0..{world_size - 1}")
+        if batch_size % world_size:
+            raise ConfigError(f"batch_size {batch_size} (the global batch) does not split evenly over "
+                              f"{world_size} processes; use a multiple of {world_size}")
+        smallest = n % batch_size if not drop_last and n % batch_size else batch_size
+        if smallest < world_size:  # a process without a sample would stall the others' gradient sync
+            raise DataError(f"a split of {n} images in batches of {batch_size} has a batch of {smallest}, "
+                            f"too few for {world_size} processes")
+        self.rank, self.world_size = int(rank), int(world_size)
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
@@ -69,16 +98,54 @@ class StepBatchSampler(Sampler[list[tuple[int, int]]]):
         return torch.randperm(self.n, generator=generator)
 
     def batch_at(self, step: int) -> list[tuple[int, int]]:
+        """The global batch of ``step`` (all ranks)."""
         epoch, position = divmod(int(step), len(self))
         order = self.order(epoch)[position * self.batch_size:(position + 1) * self.batch_size]
         return [(int(i), epoch) for i in order]
+
+    def shard(self, batch: list) -> list:
+        """This rank's contiguous slice of a global batch (a short last batch
+        is cut as evenly as it goes, the first ranks taking one more)."""
+        if self.world_size == 1:
+            return batch
+        base, extra = divmod(len(batch), self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return batch[start:start + base + (1 if self.rank < extra else 0)]
 
     def __iter__(self):
         step = int(self.step_fn())
         epoch, position = divmod(step, len(self))
         order = self.order(epoch).tolist()
         for b in range(position, len(self)):
-            yield [(i, epoch) for i in order[b * self.batch_size:(b + 1) * self.batch_size]]
+            yield self.shard([(i, epoch) for i in order[b * self.batch_size:(b + 1) * self.batch_size]])
+
+    # Lightning checkpoints the state of a loader that has these (see StepDataLoader). The position is
+    # the trainer's global step, restored with the checkpoint, so the state only records it and checks
+    # that the resumed run samples the same way.
+    def state_dict(self) -> dict:
+        return {"step": int(self.step_fn()), "n": self.n, "batch_size": self.batch_size, "seed": self.seed,
+                "shuffle": self.shuffle}
+
+    def load_state_dict(self, state: dict) -> None:
+        ours = self.state_dict()
+        changed = [k for k in ("n", "batch_size", "seed", "shuffle") if k in state and state[k] != ours[k]]
+        if changed:
+            raise DataError("resuming a fine-tune whose training batches were drawn differently ("
+                            + ", ".join(f"{k}: checkpoint {state[k]}, now {ours[k]}" for k in changed)
+                            + "): the batches after the resume would not continue the interrupted run")
+
+
+class StepDataLoader(DataLoader):
+    """A DataLoader over a :class:`StepBatchSampler` that Lightning treats as
+    resumable: its ``state_dict``/``load_state_dict`` are the sampler's, so a
+    mid-epoch resume no longer warns that the loader is not resumable (it is:
+    the next pass starts at the restored global step)."""
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
 
 
 class StreamedSplit(Dataset):
@@ -208,12 +275,17 @@ class TaskDataModule(pl.LightningDataModule):
 
     def train_sampler(self) -> StepBatchSampler:
         dataset = self.split("train")
+        trainer = getattr(self, "trainer", None)
+        # under DDP each process takes its slice of the global batch (the Trainer is built with
+        # use_distributed_sampler=False so that Lightning keeps this sampler)
+        ranks = {"rank": trainer.global_rank, "world_size": trainer.world_size} if trainer is not None else {}
         return StepBatchSampler(len(dataset), self.batch_size, seed=self.seed,
                                 drop_last=len(dataset) >= self.batch_size,  # equal-size steps, unless tiny
-                                step_fn=self._global_step)
+                                step_fn=self._global_step, **ranks)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.split("train"), batch_sampler=self.train_sampler(), **self._options(persistent=True))
+        return StepDataLoader(self.split("train"), batch_sampler=self.train_sampler(),
+                              **self._options(persistent=True))
 
     def _eval_loader(self, name: str) -> DataLoader | list:
         dataset = self.split(name)

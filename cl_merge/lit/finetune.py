@@ -286,6 +286,9 @@ def finetune(
         limit_val_batches=None if validate else 0,
         num_sanity_val_steps=0,
         default_root_dir=str(out_dir),
+        # the training sampler shards the global batch per rank itself (StepBatchSampler); Lightning would
+        # otherwise try to wrap it in a DistributedSampler under DDP and fail
+        use_distributed_sampler=False,
     )
     started = time.perf_counter()
     try:
