@@ -79,10 +79,17 @@ def vit_visual_shapes(width: int, layers: int, patch: int = 32, image: int = 224
 
 
 def build_inputs(folder: Path, num_models: int, quick: bool, seed: int = 0) -> list[Path]:
+    """Write (or, in a --workdir that holds them already, reuse) the inputs."""
     import torch
 
     import cl_merge  # noqa: F401  (torchvision compat before open_clip)
     from cl_merge.core.io import save_state_dict
+
+    stamp = folder / "inputs.json"
+    wanted = {"num_models": num_models, "quick": quick, "seed": seed}
+    paths = [folder / "pretrained.safetensors"] + [folder / f"finetuned_{i}.safetensors" for i in range(num_models)]
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted and all(p.exists() for p in paths):
+        return paths
 
     gen = torch.Generator().manual_seed(seed)
     if quick:
@@ -97,6 +104,7 @@ def build_inputs(folder: Path, num_models: int, quick: bool, seed: int = 0) -> l
         ft = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in pre.items()}
         paths.append(save_state_dict(ft, folder / f"finetuned_{i}.safetensors"))
         del ft
+    stamp.write_text(json.dumps(wanted))
     return paths
 
 
