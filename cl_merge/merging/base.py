@@ -165,6 +165,8 @@ class MergeMethod:
     # per-tensor statistics or RNG): the engine then feeds large tensors in
     # cache-sized chunks, which keeps the accumulator in cache (≈5× faster sums)
     elementwise: ClassVar[bool] = False
+    # entries per chunk when the engine fills the output with merge_tensor_into
+    into_chunk: ClassVar[int] = 1 << 19
 
     def __post_init__(self) -> None:
         check_hparam_types(self)
@@ -199,7 +201,7 @@ class MergeMethod:
 
     # Entry-wise strategies may also write their result in place (override
     # ``merge_tensor_into``): the engine then hands out slices of the output
-    # (``_INTO_CHUNK`` entries), so no per-chunk result is allocated and copied.
+    # (``into_chunk`` entries), so no per-chunk result is allocated and copied.
     def merge_tensor_into(self, out: Tensor, key: str, base: Tensor, deltas: list[Tensor], context: Any) -> None:
         out.copy_(self.merge_tensor(key, base, deltas, context))
 
@@ -368,12 +370,12 @@ def resolve_device(device) -> torch.device | None:
 
 
 _CHUNK = 1 << 16  # elements per chunk for entry-wise methods (256 KiB of fp32: fits L2)
-# chunk of an in-place entry-wise merge (2 MiB of fp32): its accumulator and
-# scratch stay in cache while each input chunk streams through once, and the
-# chunks are large enough that torch's per-op overhead and the threads'
-# fork/join per op stay small (measured on ViT-B/32 inputs: 2^16 is 1.5×
-# slower, 2^20 no faster)
-_INTO_CHUNK = 1 << 19
+# default chunk of an in-place entry-wise merge (``MergeMethod.into_chunk``,
+# 2^19 entries, 2 MiB of fp32): a sum's accumulator and scratch stay in cache
+# while each input chunk streams through once, and the chunks are large
+# enough that torch's per-op overhead and the threads' fork/join per op stay
+# small (task arithmetic on ViT-B/32 inputs: 2^16 is 1.3× slower, 2^20 no faster)
+_INTO_CHUNK = MergeMethod.into_chunk
 
 
 def _overrides_into(method: MergeMethod) -> bool:
@@ -388,7 +390,7 @@ def _merge_entry(method: MergeMethod, key: str, base: Tensor, deltas: list[Tenso
     if not method.elementwise or base.device.type != "cpu":
         return method.merge_tensor(key, base, deltas, context), None
     into = _overrides_into(method)
-    chunk = _INTO_CHUNK if into else _CHUNK
+    chunk = method.into_chunk if into else _CHUNK
     if not into and base.numel() <= 2 * chunk:
         return method.merge_tensor(key, base, deltas, context), None
     flat_base = base.reshape(-1)
