@@ -328,7 +328,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch intra-op threads per run (0: torch's default; 1 is steadier on a busy machine)")
     parser.add_argument("--repeat", type=int, default=3, help="best of this many timings for runs under 20 s")
-    parser.add_argument("--workdir", default=None, help="folder for the generated inputs (default: a temp folder)")
+    parser.add_argument("--workdir", default=None,
+                        help="folder for the generated inputs, kept and reused by later runs (default: a temp folder)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
