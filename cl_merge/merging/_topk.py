@@ -166,15 +166,31 @@ class BracketedKth:
 _SMALL = 1 << 16
 
 
-def kth_largest_in_tensor(tensor: Tensor, k: int) -> float:
-    """k-th largest |x| of one tensor (exact; same value as the radix path)."""
+_FEED_CHUNK = 1 << 18  # entries per chunk of a counting pass (1 MiB of float32: stays in cache)
+
+
+def kth_largest_in_tensor(tensor: Tensor, k: int, minus: Tensor | None = None) -> float:
+    """k-th largest |x| of one tensor, or of ``tensor − minus`` (a task vector
+    from fine-tuned and pretrained weights, formed chunk by chunk in cache
+    instead of as a whole tensor). Exact; same value as the radix path."""
     n = tensor.numel()
     if not 1 <= k <= n:
         raise ValueError(f"asked for the {k}-th largest of {n} entries")
-    magnitude = tensor.detach().reshape(-1).to(torch.float32).abs()
+    flat = tensor.detach().reshape(-1)
+    flat_minus = None if minus is None else minus.detach().reshape(-1)
     if n <= _SMALL:
-        return float(torch.kthvalue(magnitude, n - k + 1).values)
-    selector = BracketedKth(magnitude[::SAMPLE_STRIDE], k, n)
-    selector.feed(magnitude)
+        values = flat if flat_minus is None else flat - flat_minus
+        return float(torch.kthvalue(values.to(torch.float32).abs(), n - k + 1).values)
+    sample = flat[::SAMPLE_STRIDE] if flat_minus is None else flat[::SAMPLE_STRIDE] - flat_minus[::SAMPLE_STRIDE]
+    selector = BracketedKth(sample.to(torch.float32).abs(), k, n)
+    scratch = torch.empty(min(n, _FEED_CHUNK), dtype=torch.float32, device=flat.device)
+    for start in range(0, n, _FEED_CHUNK):
+        part = slice(start, start + _FEED_CHUNK)
+        values = flat[part] if flat_minus is None else flat[part] - flat_minus[part]
+        magnitude = scratch[:values.numel()]
+        torch.abs(values.to(torch.float32), out=magnitude)
+        selector.feed(magnitude)
     found = selector.threshold()
-    return found if found is not None else kth_largest_magnitude([tensor], k)
+    if found is not None:
+        return found
+    return kth_largest_magnitude([flat if flat_minus is None else flat - flat_minus], k)

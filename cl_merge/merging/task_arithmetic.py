@@ -18,11 +18,13 @@ def sum_of(tensors):
     return total
 
 
-def sum_of_differences(weights, base):
-    """Σ_t (θ_t − θ0) into a fresh accumulator: the task vectors are formed
-    before summing (Σ θ_t − T·θ0 loses the low bits of small task vectors,
-    and T copies of θ0 would not give θ0 back exactly)."""
-    total = torch.sub(weights[0], base)
+def sum_of_differences(weights, base, out=None):
+    """Σ_t (θ_t − θ0) into ``out`` (default: a fresh accumulator): the task
+    vectors are formed before summing (Σ θ_t − T·θ0 loses the low bits of
+    small task vectors, and T copies of θ0 would not give θ0 back exactly).
+    Two elementwise ops per model; the sum stays sequential in task order,
+    so batch and incremental forms agree to the bit."""
+    total = torch.sub(weights[0], base, out=out)
     part = torch.empty_like(total) if len(weights) > 1 else None
     for weight in weights[1:]:
         total.add_(torch.sub(weight, base, out=part))
@@ -55,6 +57,9 @@ class TaskArithmetic(MergeMethod):
         # differences are formed here, in cache
         return sum_of_differences(weights, base).mul_(self.scaling).add_(base)
 
+    def merge_tensor_into(self, out, key, base, weights, context):
+        sum_of_differences(weights, base, out=out).mul_(self.scaling).add_(base)
+
     def init_state(self, key, base):
         return {"sum": torch.zeros_like(base)}
 
@@ -84,6 +89,9 @@ class Average(MergeMethod):
 
     def merge_tensor(self, key, base, weights, context):
         return sum_of_differences(weights, base).div_(len(weights)).add_(base)
+
+    def merge_tensor_into(self, out, key, base, weights, context):
+        sum_of_differences(weights, base, out=out).div_(len(weights)).add_(base)
 
     def init_state(self, key, base):
         return {"sum": torch.zeros_like(base)}

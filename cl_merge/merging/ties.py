@@ -34,13 +34,15 @@ def empty_sign_state(like: Tensor) -> dict[str, Tensor]:
     return {name: torch.zeros_like(like) for name in STATE_FIELDS}
 
 
-def fold_trimmed_(state: dict[str, Tensor], delta: Tensor, threshold: float) -> dict[str, Tensor]:
+def fold_trimmed_(state: dict[str, Tensor], delta: Tensor, threshold: float,
+                  mask: Tensor | None = None) -> dict[str, Tensor]:
     """Trim ``delta`` (keep |τ| >= threshold, the k-th largest |τ|) and add it to
     ``state`` in place: per sign one comparison into a 0/1 float mask and one
     fused multiply-add (``addcmul``; the product by 0 or 1 is exact, so this
     equals adding the masked values). Float masks, not bool: bool tensors
-    take ~5× longer per element in these kernels."""
-    mask = torch.empty_like(delta)
+    take ~5× longer per element in these kernels. ``mask``: scratch of
+    ``delta``'s shape to reuse."""
+    mask = torch.empty_like(delta) if mask is None else mask
     # with threshold > 0 a kept value is non-zero and its sign picks the side;
     # with threshold 0 everything is kept and zeros belong to neither side
     counts = "pos_count" in state  # a disjoint *sum* needs no counts
@@ -61,18 +63,26 @@ def fold_trimmed_(state: dict[str, Tensor], delta: Tensor, threshold: float) -> 
     return state
 
 
-def disjoint_merge(state: dict[str, Tensor], aggregate: str) -> Tensor:
+def disjoint_merge(state: dict[str, Tensor], aggregate: str, out: Tensor | None = None,
+                   scratch: Tensor | None = None) -> Tensor:
     """Elected sign = sign(Σ_t trimmed τ_t) = sign(pos_sum + neg_sum); merge the
     entries that agree with it. A zero total elects sign 0 (the paper's sgn):
-    no task agrees and the merged entry is 0."""
-    total = state["pos_sum"] + state["neg_sum"]
+    no task agrees and the merged entry is 0.
+
+    As ``pos·[total > 0] + neg·[total < 0]`` with 0/1 float masks: the same
+    values as a nested ``torch.where`` (a product by 1 is exact, one by 0
+    adds ±0), at a fraction of its cost; the state is left as it was."""
+    pos_sum, neg_sum = state["pos_sum"], state["neg_sum"]
+    total = torch.add(pos_sum, neg_sum)
+    mask = torch.empty_like(total) if scratch is None else scratch
     if aggregate == "mean":
         # where the total is > 0 at least one positive value exists (count >= 1)
-        pos = state["pos_sum"] / state["pos_count"].clamp(min=1)
-        neg = state["neg_sum"] / state["neg_count"].clamp(min=1)
+        pos = pos_sum / state["pos_count"].clamp(min=1)
+        neg = neg_sum / state["neg_count"].clamp(min=1)
     else:
-        pos, neg = state["pos_sum"], state["neg_sum"]
-    return torch.where(total > 0, pos, torch.where(total < 0, neg, 0.0))
+        pos, neg = pos_sum, neg_sum
+    merged = torch.mul(pos, torch.gt(total, 0, out=mask), out=out)
+    return merged.addcmul_(neg, torch.lt(total, 0, out=mask))
 
 
 class _TaskThreshold:
@@ -141,8 +151,11 @@ class Ties(MergeMethod):
         require(self.aggregate in AGGREGATES,
                 f"{self.name}: aggregate must be one of {', '.join(AGGREGATES)}, got {self.aggregate!r}")
         # with the thresholds fixed in prepare() the merge is entry-wise: the
-        # engine then feeds cache-sized chunks (DARE's drop draws per tensor)
+        # engine then feeds cache-sized chunks (DARE's drop draws per tensor),
+        # and the inputs come as fine-tuned weights: τ_t is formed chunk by
+        # chunk in cache instead of as a whole tensor per model
         self.elementwise = self._plain_trim() and (self.topk_scope == "global" or self.density >= 1)
+        self.uses_weights = self._plain_trim()
 
     # -- hook for variants that transform τ before trimming (DARE-TIES)
     def transform_delta(self, key: str, delta: Tensor, task_index: int) -> Tensor:
@@ -181,19 +194,32 @@ class Ties(MergeMethod):
                 samples[i].append(sample)
         selectors = [BracketedKth(torch.cat(parts), k, total) for parts in samples]
         del samples
-        for key, _base, deltas in stream:
-            for i, delta in enumerate(deltas):
-                flat = self.transform_delta(key, delta, task_offset + i).reshape(-1)
+        weights = stream.raw_weights  # the stream yields θ_t: τ_t is formed chunk by chunk
+        scratch = None
+        for key, base, inputs in stream:
+            flat_base = base.reshape(-1)
+            for i, value in enumerate(inputs):
+                flat = (value if weights else self.transform_delta(key, value, task_offset + i)).reshape(-1)
                 for start in range(0, flat.numel(), _PASS_CHUNK):
-                    selectors[i].feed(flat[start:start + _PASS_CHUNK].abs())
+                    part = flat[start:start + _PASS_CHUNK]
+                    if scratch is None or scratch.numel() < part.numel() or scratch.dtype != part.dtype \
+                            or scratch.device != part.device:
+                        scratch = torch.empty(_PASS_CHUNK, dtype=part.dtype, device=part.device)
+                    magnitude = scratch[:part.numel()]
+                    if weights:
+                        torch.sub(part, flat_base[start:start + _PASS_CHUNK], out=magnitude).abs_()
+                    else:
+                        torch.abs(part, out=magnitude)
+                    selectors[i].feed(magnitude)
         thresholds = [s.threshold() for s in selectors]
         missed = [i for i, t in enumerate(thresholds) if t is None]
         if missed:
             radix = [KthLargestMagnitude(k) for _ in missed]
             for feed in ("feed_high", "feed_low"):
-                for key, _base, deltas in stream:
+                for key, base, inputs in stream:
                     for r, i in zip(radix, missed):
-                        getattr(r, feed)(self.transform_delta(key, deltas[i], task_offset + i))
+                        delta = inputs[i] - base if weights else inputs[i]
+                        getattr(r, feed)(self.transform_delta(key, delta, task_offset + i))
             for r, i in zip(radix, missed):
                 thresholds[i] = r.threshold()
         return thresholds
@@ -219,6 +245,21 @@ class Ties(MergeMethod):
         return context[index] if self.topk_scope == "global" else None
 
     def merge_tensor(self, key, base, deltas, context):
+        if self.uses_weights:  # fine-tuned weights, not task vectors
+            weights = deltas
+            thresholds = [self._threshold_for(context, i) for i in range(len(weights))]
+            if None in thresholds and base.numel():  # per tensor: a counting pass over each τ_t
+                thresholds = [kth_largest_in_tensor(w, keep_count(self.density, w.numel()), minus=base)
+                              for w in weights]
+            out = torch.empty_like(base)
+            flat_out, flat_base = out.view(-1), base.reshape(-1)
+            flat = [w.reshape(-1) for w in weights]
+            # on the CPU in cache-sized chunks (one chunk elsewhere)
+            step = self.into_chunk if base.device.type == "cpu" else max(1, base.numel())
+            for start in range(0, base.numel(), step):
+                part = slice(start, start + step)
+                self._fold_into(flat_out[part], flat_base[part], [w[part] for w in flat], thresholds)
+            return out
         thresholds = [self._threshold_for(context, i) for i in range(len(deltas))]
         if None in thresholds and base.numel() > _FOLD_CHUNK and base.device.type == "cpu":
             # per-tensor top-k: thresholds first (they need the whole tensor),
@@ -243,6 +284,25 @@ class Ties(MergeMethod):
                 threshold = kth_largest_in_tensor(delta, keep_count(self.density, delta.numel()))
             trimmed.append((delta, threshold))
         return self._merge_trimmed(base, trimmed)
+
+    def merge_tensor_into(self, out, key, base, weights, context):
+        """The entry-wise form (global thresholds): ``weights`` are the
+        fine-tuned chunks (``uses_weights``); each τ_t is formed in one
+        scratch chunk and folded, then the disjoint merge is written into ``out``."""
+        if not self.uses_weights:
+            return super().merge_tensor_into(out, key, base, weights, context)
+        self._fold_into(out, base, weights, [self._threshold_for(context, i) for i in range(len(weights))])
+
+    def _fold_into(self, out: Tensor, base: Tensor, weights: list[Tensor], thresholds: list[float]) -> None:
+        """θ0 + scaling · disjoint merge of the trimmed τ_t = θ_t − θ0, into ``out``."""
+        state = empty_sign_state(base)
+        if self.aggregate == "sum":  # the counts only serve the disjoint mean
+            del state["pos_count"], state["neg_count"]
+        delta, mask = torch.empty_like(base), torch.empty_like(base)
+        if delta.numel():
+            for weight, threshold in zip(weights, thresholds):
+                fold_trimmed_(state, torch.sub(weight, base, out=delta), threshold, mask)
+        disjoint_merge(state, self.aggregate, out=out, scratch=mask).mul_(self.scaling).add_(base)
 
     def _merge_trimmed(self, base: Tensor, trimmed: list[tuple[Tensor, float]]) -> Tensor:
         """θ0 + scaling · disjoint merge of the (τ_t, threshold_t) pairs."""
@@ -276,6 +336,11 @@ class Ties(MergeMethod):
 
     def state_weights(self, key, base, state, num_seen):
         return base + self.scaling * disjoint_merge(state, self.aggregate)
+
+
+    # the engine's chunk for merge_tensor_into: state (2-4), τ and mask
+    # chunks of 256 KiB each stay in L2
+    into_chunk = 1 << 16
 
 
 _PASS_CHUNK = 1 << 18  # entries per chunk of the counting pass (1 MiB of float32)
