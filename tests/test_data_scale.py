@@ -20,7 +20,6 @@ import torch
 from PIL import Image
 
 from cl_merge.data import hf as hf_module
-from cl_merge.data import ArrayImageDataset
 from cl_merge.data.hf import HFImageDataset, label_array
 from cl_merge.errors import ConfigError, DataError
 from cl_merge.lit import TrainConfig, finetune
@@ -199,23 +198,8 @@ def test_sampler_state_checks_that_a_resume_samples_the_same_way():
     assert isinstance(loader, _Stateful) and loader.state_dict() == state
 
 
-class _Task:
-    def __init__(self, n_train=22, n_val=6):
-        rng = np.random.default_rng(0)
-        images = rng.integers(0, 256, size=(n_train + n_val, 12, 12, 3), dtype=np.uint8)
-        labels = np.arange(n_train + n_val) % 3
-        self.name, self.classnames, self.templates = "noise", ["a", "b", "c"], ["{}"]
-        self.train = ArrayImageDataset(images[:n_train], labels[:n_train])
-        self.val = self.test = ArrayImageDataset(images[n_train:], labels[n_train:])
-
-
-class _CrashAt(pl.Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step >= self.step:
-            raise RuntimeError("injected crash")
+# the tiny task and the crash callback of the exact-resume tests
+from test_resume_exact import CrashAt as _CrashAt, Task as _Task  # noqa: E402
 
 
 class _Record(pl.Callback):
