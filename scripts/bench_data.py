@@ -204,6 +204,14 @@ def _model():
     return create_model("clip", BENCH_MODEL, head_cache_dir=None)
 
 
+def time_loader(loader, peak) -> dict:
+    """One timed pass over ``loader`` (CPU accounting starts with it)."""
+    peak.start_cpu()
+    started, n = time.perf_counter(), 0
+    for images, _ in loader:
+        n += len(images)
+    return {"pipeline_images_per_s": n / (time.perf_counter() - started), "images": n}
+
 def measure(kind: str, layout: str, path: Path, args) -> dict:
     import torch
 
@@ -221,12 +229,7 @@ def measure(kind: str, layout: str, path: Path, args) -> dict:
             dataset = ImageFolder(str(path / "train"), transform=transform)
             loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=True,
                                                  num_workers=args.workers, drop_last=True)
-            peak.start_cpu()
-            started, n = time.perf_counter(), 0
-            for images, _ in loader:
-                n += len(images)
-            result["pipeline_images_per_s"] = n / (time.perf_counter() - started)
-            result["images"] = n
+            result.update(time_loader(loader, peak))
         else:
             spec = {"folder": str(path)} if layout == "folder" else {"hf": str(path)}
             task = load_task(TaskSpec(spec, val_fraction=0.0), seed=0)
@@ -237,12 +240,7 @@ def measure(kind: str, layout: str, path: Path, args) -> dict:
                                     batch_size=args.batch, num_workers=args.workers)
                 dm.setup("fit")
                 loader = dm.train_dataloader()
-                peak.start_cpu()
-                started, n = time.perf_counter(), 0
-                for images, _ in loader:
-                    n += len(images)
-                result["pipeline_images_per_s"] = n / (time.perf_counter() - started)
-                result["images"] = n
+                result.update(time_loader(loader, peak))
             else:
                 from cl_merge.lit import TrainConfig, evaluate, finetune
 
