@@ -468,3 +468,26 @@ def test_heads_from_the_task_or_the_context_give_the_same_merge(method, hparams)
         torch.testing.assert_close(results[0][key], results[1][key])
     headless = merge(pre, fts, method=method, model=encoder, data=data, **hparams)
     assert not torch.allclose(headless["weight"], results[0]["weight"])
+
+
+@pytest.mark.parametrize("name,hparams,phrase", [
+    ("fisher", {"num_examples": 4}, "the Fishers are computed"),
+    ("regmean", {"num_examples": 4}, "the Gram matrices are computed"),
+    ("regmean_plusplus", {"num_examples": 4}, "the Gram matrices are computed"),
+    ("adamerging", {"max_steps": 1}, "the coefficients are learned"),
+    ("surgery", {"steps": 1, "base_hyperparameters": {"max_steps": 1}}, "the adapters are trained"),
+])
+def test_data_based_current_refuses_overrides_and_starts_at_theta0(name, hparams, phrase):
+    model = two_layer(act=nn.Tanh())
+    pre = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    strategy = get_method(name, **hparams).create_strategy()
+    strategy.start(pre, MergeContext(module=model))
+    before = strategy.current()
+    assert all(torch.equal(before[k], pre[k]) for k in pre)  # nothing absorbed: θ0
+    tv = perturbed(pre, 1)[0]
+    strategy.absorb(TaskInput(0, {k: tv[k] - pre[k] for k in pre}, batches=[torch.randn(4, 4, generator=gen(3))]))
+    first = next(iter(strategy.method.hparam_names()))
+    with pytest.raises(HyperparameterError, match=f"cannot change once {phrase}"):
+        strategy.current(**{first: getattr(strategy.method, first)})  # even a valid value
+    with pytest.raises(HyperparameterError, match="unknown hyperparameter 'nonsense'"):
+        strategy.current(nonsense=1)

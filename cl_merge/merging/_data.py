@@ -192,6 +192,25 @@ class DataBasedStrategy(MergeStrategy):
                                        device=self.device)
         return out
 
+    # what a refused hyperparameter override would have to undo ("... cannot change once <this>")
+    fixed_by = "the statistics are computed"
+
+    def current(self, **overrides):
+        """The merged weights of the tasks absorbed so far (θ0 before any).
+        Overrides are refused: the hyperparameters are baked into what was
+        computed from the data (an unknown name is still reported as such)."""
+        if overrides:
+            self._method_with(overrides)
+            raise HyperparameterError(f"{self.name}: hyperparameters cannot change once {self.fixed_by}")
+        if self.num_absorbed == 0:
+            return dict(self.pretrained)
+        check_method_models(self.method, self.num_absorbed)
+        return self._merged()
+
+    def _merged(self):
+        """The merge of the absorbed tasks (at least one)."""
+        raise NotImplementedError
+
     def task_head(self, task: TaskInput):
         """The task's head: ``task.head``, else the context's head for its index (None: the output is the logits)."""
         heads = self.context.heads

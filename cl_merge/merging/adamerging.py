@@ -8,10 +8,9 @@ from typing import Mapping, Sequence
 import torch
 
 from cl_merge.core.state_dict import DictSource
-from cl_merge.errors import HyperparameterError, MergeInputError
+from cl_merge.errors import MergeInputError
 from cl_merge.merging._data import (
     DataBasedStrategy,
-    check_method_models,
     cycle_batches,
     entropy,
     eval_mode,
@@ -192,14 +191,10 @@ class AdaMergingStrategy(TestTimeStrategy):
                 self.history.append(float(loss.detach()))
         return lam.detach()
 
-    def current(self, **overrides):
-        if overrides:
-            self._method_with(overrides)
-            raise HyperparameterError(f"{self.name}: hyperparameters cannot change once the coefficients are learned")
-        if not self.tasks:
-            return dict(self.pretrained)
+    fixed_by = "the coefficients are learned"
+
+    def _merged(self):
         if self._cached is None:
-            check_method_models(self.method, len(self.tasks))
             taus = self.task_vectors()
             expected = self.initial_coefficients(len(self.tasks)).shape
             if self.coefficients is None or tuple(self.coefficients.shape) != tuple(expected):

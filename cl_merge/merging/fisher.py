@@ -8,7 +8,7 @@ from typing import Mapping, Sequence
 import torch
 
 from cl_merge.errors import HyperparameterError, MergeInputError
-from cl_merge.merging._data import DataBasedStrategy, check_method_models, eval_mode, require_int
+from cl_merge.merging._data import DataBasedStrategy, eval_mode, require_int
 from cl_merge.merging._fisher_stats import ESTIMATORS, diagonal_fisher
 from cl_merge.merging.base import MergeMethod, check_nonnegative
 from cl_merge.merging.lifecycle import TaskInput
@@ -127,13 +127,9 @@ class FisherStrategy(DataBasedStrategy):
             accumulate_fisher(self.num, self.den, {k: weights[k] for k in self.merge_keys}, fisher, factor,
                               m.minimal_fisher_weight)
 
-    def current(self, **overrides):
-        if overrides:
-            self._method_with(overrides)
-            raise HyperparameterError(f"{self.name}: hyperparameters cannot change after the Fishers are computed")
-        if self.num_absorbed == 0:
-            return dict(self.pretrained)
-        check_method_models(self.method, self.num_absorbed)
+    fixed_by = "the Fishers are computed"
+
+    def _merged(self):
         with torch.no_grad():
             return self.finish({k: self.num[k] / self.den[k] for k in self.num})
 

@@ -13,7 +13,6 @@ from cl_merge.errors import HyperparameterError, MergeInputError
 from cl_merge.merging._data import (
     DataBasedStrategy,
     GramCollector,
-    check_method_models,
     eval_mode,
     linear_maps,
     reduce_non_diagonal,
@@ -209,13 +208,9 @@ class RegMeanStrategy(DataBasedStrategy):
                 w = weights[key]
                 self.weight_sum[key] = w.clone() if key not in self.weight_sum else self.weight_sum[key] + w
 
-    def current(self, **overrides):
-        if overrides:
-            self._method_with(overrides)
-            raise HyperparameterError(f"{self.name}: hyperparameters cannot change after the Gram matrices are computed")
-        if self.num_absorbed == 0:
-            return dict(self.pretrained)
-        check_method_models(self.method, self.num_absorbed)
+    fixed_by = "the Gram matrices are computed"
+
+    def _merged(self):
         with torch.no_grad():
             merged = {k: v / self.num_absorbed for k, v in self.weight_sum.items()}
             merged.update(self.sums.solved(self.num_absorbed, self.method.weight_transpose))
@@ -339,14 +334,10 @@ class RegMeanPlusPlusStrategy(DataBasedStrategy):
         self.tasks.append(task)
         self._cached = None
 
-    def current(self, **overrides):
-        if overrides:
-            self._method_with(overrides)
-            raise HyperparameterError(f"{self.name}: hyperparameters cannot change after the Gram matrices are computed")
-        if not self.tasks:
-            return dict(self.pretrained)
+    fixed_by = "the Gram matrices are computed"
+
+    def _merged(self):
         if self._cached is None:
-            check_method_models(self.method, len(self.tasks))
             self._cached = self.finish(self._merge())
         return dict(self._cached)
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from cl_merge.errors import HyperparameterError, MergeInputError
-from cl_merge.merging._data import as_logits, check_method_models, eval_mode, require_int
+from cl_merge.merging._data import as_logits, eval_mode, require_int
 from cl_merge.merging.adamerging import TestTimeStrategy
 from cl_merge.merging.base import MergeMethod, PerTaskMergeResult, require
 from cl_merge.merging.lifecycle import TaskInput, build_strategy
@@ -192,14 +192,10 @@ class SurgeryStrategy(TestTimeStrategy):
             out[key] = value.float() if value.is_floating_point() and key in self.merge_keys else value
         return out
 
-    def current(self, **overrides):
-        if overrides:
-            self._method_with(overrides)
-            raise HyperparameterError(f"{self.name}: hyperparameters cannot change once the adapters are trained")
-        if not self.tasks:
-            return dict(self.pretrained)
+    fixed_by = "the adapters are trained"
+
+    def _merged(self):
         if self._cached is None:
-            check_method_models(self.method, len(self.tasks))
             merged = self.inner.current()
             if self.adapters is None or len(self.adapters) != len(self.tasks):
                 self.adapters = self.train_adapters(merged)
