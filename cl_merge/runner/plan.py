@@ -397,18 +397,23 @@ def _check_against_data(scenario, data_root) -> None:
         if stage.k_shot is None and cal is None:
             continue
         spec = stage_task_spec(stage, scenario)
+        # one label-only load per stage: the splits before k-shot and max_train (validation and test are
+        # the run's own; only a train-split calibration under k_shot/max_train needs the run's exact view)
+        full = dataclasses.replace(spec, k_shot=None, max_train=None)
         try:
+            task = load_task(full, data_root, seed=scenario.seed)
             if stage.k_shot is not None:  # never set on an imported checkpoint's stage
-                unshot = load_task(dataclasses.replace(spec, k_shot=None, max_train=None), data_root, seed=scenario.seed)
-                counts = np.bincount(unshot.train.labels, minlength=len(unshot.classnames))
+                counts = np.bincount(task.train.labels, minlength=len(task.classnames))
                 smallest = int(np.argmin(counts))
                 if counts[smallest] < stage.k_shot:
                     raise ConfigError(f"{_where(scenario)}: stages[{i}].k_shot: {stage.k_shot} is larger than class "
-                                      f"{smallest} ({unshot.classnames[smallest]!r}) of {stage.name}, which has "
+                                      f"{smallest} ({task.classnames[smallest]!r}) of {stage.name}, which has "
                                       f"{int(counts[smallest])} training examples")
             if cal is not None:
                 split = {"validation": "val"}.get(cal.split, cal.split)
-                data = getattr(load_task(spec, data_root, seed=scenario.seed), split, None)
+                if split == "train" and full != spec:
+                    task = load_task(spec, data_root, seed=scenario.seed)
+                data = getattr(task, split, None)
                 if data is not None:  # a missing split is refused at the scenario's load
                     check_calibration_request(cal, data, stage.name)
         except DataError:
