@@ -142,3 +142,18 @@ def test_context_key_check_names_the_mismatch():
         ctx.check_keys({"other": torch.zeros(1)})
     with pytest.raises(MergeInputError, match="shape"):
         ctx.check_keys({"lin.weight": torch.zeros(3, 3), "lin.bias": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("name", ["opcm", "dop", "cofima", "fisher", "regmean", "adamerging"])
+def test_methods_with_their_own_strategy_never_reach_the_entry_engine(name):
+    from cl_merge.errors import HyperparameterError, MergeInputError
+    from cl_merge.merging import IncrementalMerger
+    from cl_merge.merging.base import run_merge
+
+    method = get_method(name)
+    assert not method.supports_incremental()  # incremental, if at all, through its strategy
+    pre = {"w": torch.zeros(4, 4)}
+    with pytest.raises(MergeInputError, match=f"{name} folds the models in .* not run_merge"):
+        run_merge(method, pre, [{"w": torch.ones(4, 4)}, {"w": torch.ones(4, 4)}])
+    with pytest.raises(HyperparameterError, match="runs through its own strategy"):
+        IncrementalMerger(method, pre)

@@ -13,7 +13,15 @@ import torch
 
 from cl_merge.core.state_dict import make_filter
 from cl_merge.errors import HyperparameterError, MergeInputError
-from cl_merge.merging.base import MergeMethod, PerTaskMergeResult, TensorStream, as_model_list, resolve_device, run_merge
+from cl_merge.merging.base import (
+    MergeMethod,
+    PerTaskMergeResult,
+    TensorStream,
+    as_model_list,
+    builds_own_strategy,
+    resolve_device,
+    run_merge,
+)
 from cl_merge.merging.incremental import IncrementalMerger
 from cl_merge.merging.context import MergeContext
 from cl_merge.merging.lifecycle import (
@@ -78,7 +86,7 @@ def merge(
     else:
         strategy = get_method(method, **hparams)
     key_filter = make_filter(include, exclude)
-    if getattr(strategy, "create_strategy", None) is None:
+    if not builds_own_strategy(strategy):
         if model is not None or data is not None:
             given = "model" if model is not None else "data"
             raise MergeInputError(f"{strategy.name} is data-free: it takes no {given}= (only data-based methods do)")
@@ -97,7 +105,7 @@ def incremental_merger(pretrained: Mapping[str, Tensor], method: str = "task_ari
     """Running merge, one task vector at a time (``.update(tv)``, ``.current()``).
     ``device``: where each update runs (the state stays on the CPU)."""
     strategy = get_method(method, **hparams)
-    if getattr(strategy, "create_strategy", None) is not None:
+    if builds_own_strategy(strategy):
         lifecycle = build_strategy(strategy, key_filter=make_filter(include, exclude), device=device, continual=True)
         if not lifecycle.incremental:
             raise HyperparameterError(f"{strategy.name} has no incremental form; merge the task vectors in one batch")

@@ -49,13 +49,6 @@ def read_entry(task_vector: Any, key: str, like: Tensor, index: int, present: bo
     return value.detach().to(dtype, copy=True)
 
 
-def refuse_batch_engine(name: str):
-    """For ``merge_tensor`` of methods that exist only as a lifecycle strategy:
-    the per-entry batch engine (``run_merge``) cannot run them."""
-    raise MergeInputError(f"{name} folds the models in one at a time with model-wide steps; run it through "
-                          "cl_merge.merge(...), incremental_merger(...) or build_strategy(...), not run_merge")
-
-
 class RunningMergeStrategy(MergeStrategy):
     """A strategy whose state is one merged task vector ``self.merged`` (plus
     the tensors in ``self.extra`` and the floats in ``self.scalars``)."""
@@ -201,4 +194,4 @@ class RunningMergeStrategy(MergeStrategy):
         self._failed = False
 
 
-__all__ = ["RunningMergeStrategy", "read_entry", "compute_dtype_of", "refuse_batch_engine"]
+__all__ = ["RunningMergeStrategy", "read_entry", "compute_dtype_of"]

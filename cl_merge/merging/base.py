@@ -210,9 +210,12 @@ class MergeMethod:
 
     # -- incremental form (only where ``incremental = True``)
     def supports_incremental(self) -> bool:
-        """Whether these hyperparameters have an incremental form (a strategy
-        may have one only for some settings, e.g. Model Stock's cosine average)."""
-        return self.incremental
+        """Whether these hyperparameters have an incremental form through the
+        per-entry hooks below (a strategy may have one only for some settings,
+        e.g. Model Stock's cosine average). A method that builds its own
+        lifecycle strategy (``create_strategy``: data, a model or model-wide
+        steps) is incremental, if at all, through that strategy, not here."""
+        return self.incremental and not builds_own_strategy(self)
 
     def prepare_task(self, key_deltas: "TensorStream") -> Any:
         """Per-task statistics needed before ``update_state`` (e.g. TIES' global threshold)."""
@@ -455,6 +458,13 @@ def _all_finite(tensor: Tensor, total: Tensor | None = None) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
+def builds_own_strategy(method: MergeMethod) -> bool:
+    """The method runs only through the strategy its ``create_strategy``
+    builds (OPCM, DOP, CoFiMA, the data-based methods), never through the
+    per-entry engine."""
+    return getattr(method, "create_strategy", None) is not None
+
+
 def run_merge(method: MergeMethod, pretrained, finetuned: Sequence, *,
               key_filter: KeyFilter | None = None, check: bool = True,
               progress: Callable[[Iterator], Iterator] | None = None, device=None,
@@ -472,6 +482,10 @@ def run_merge(method: MergeMethod, pretrained, finetuned: Sequence, *,
     inputs are checked for NaN/Inf and every result *after* rounding to its
     output dtype (an fp16 merge that overflows is refused, naming the entry).
     """
+    if builds_own_strategy(method):
+        raise MergeInputError(f"{method.name} folds the models in one at a time with model-wide steps (or data); "
+                              "run it through cl_merge.merge(...), incremental_merger(...) or build_strategy(...), "
+                              "not run_merge")
     fts_in = as_model_list(finetuned)
     target = resolve_device(device)
     pre = _as_source(pretrained, "pretrained")

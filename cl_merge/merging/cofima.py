@@ -8,7 +8,7 @@ import torch
 
 from cl_merge.errors import MergeInputError
 from cl_merge.merging._fisher_stats import diagonal_fisher
-from cl_merge.merging._stateful import RunningMergeStrategy, refuse_batch_engine
+from cl_merge.merging._stateful import RunningMergeStrategy
 from cl_merge.merging.base import MergeMethod, check_fraction, require
 from cl_merge.merging.lifecycle import TaskInput
 from cl_merge.merging.registry import register
@@ -94,13 +94,6 @@ class CoFiMA(MergeMethod):
         require(self.previous_fisher in PREVIOUS_FISHERS,
                 f"{self.name}: previous_fisher must be one of {', '.join(PREVIOUS_FISHERS)}, "
                 f"got {self.previous_fisher!r}")
-
-    def supports_incremental(self) -> bool:
-        # needs the model and data: the incremental form is create_strategy's
-        return False
-
-    def merge_tensor(self, key, base, deltas, context):
-        refuse_batch_engine(self.name)
 
     def create_strategy(self, key_filter=None, device=None) -> "CoFiMAStrategy":
         return CoFiMAStrategy(self, key_filter, device)

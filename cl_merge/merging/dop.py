@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cl_merge.merging._stateful import RunningMergeStrategy, refuse_batch_engine
+from cl_merge.merging._stateful import RunningMergeStrategy
 from cl_merge.merging.base import MergeMethod, check_fraction, check_nonnegative, require
 from cl_merge.merging.lifecycle import TaskInput
 from cl_merge.merging.registry import register
@@ -168,14 +168,6 @@ class DOP(MergeMethod):
                 f"{self.name}: svd_proj_space must be one of {', '.join(PROJECTION_SPACES)}, "
                 f"got {self.svd_proj_space!r}")
         check_nonnegative("singular_value_power", self.singular_value_power, method=self.name)
-
-    def supports_incremental(self) -> bool:
-        # the incremental form is the strategy from create_strategy (it needs
-        # the previous merge of each entry, not an IncrementalMerger state)
-        return False
-
-    def merge_tensor(self, key, base, deltas, context):
-        refuse_batch_engine(self.name)
 
     def create_strategy(self, key_filter=None, device=None) -> "DOPStrategy":
         return DOPStrategy(self, key_filter, device)

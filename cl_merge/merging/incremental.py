@@ -14,7 +14,7 @@ import torch
 
 from cl_merge.core.state_dict import DictSource, KeyFilter, check_finite, is_float_dtype
 from cl_merge.errors import HyperparameterError, MergeInputError
-from cl_merge.merging.base import MergeMethod, TensorStream, _as_source, compute_dtype_for, resolve_device
+from cl_merge.merging.base import MergeMethod, TensorStream, builds_own_strategy, _as_source, compute_dtype_for, resolve_device
 
 Tensor = torch.Tensor
 _SEP = "::"
@@ -23,6 +23,9 @@ _SEP = "::"
 class IncrementalMerger:
     def __init__(self, method: MergeMethod, pretrained: Mapping[str, Tensor],
                  key_filter: KeyFilter | None = None, device=None):
+        if builds_own_strategy(method):
+            raise HyperparameterError(f"{method.name} runs through its own strategy: use incremental_merger(...) "
+                                      "or build_strategy(...)")
         if not method.supports_incremental():
             if method.incremental:  # the class has one, these settings do not: let it say why
                 method.init_state("", torch.zeros(()))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from cl_merge.core.state_dict import make_filter
-from cl_merge.merging._stateful import RunningMergeStrategy, refuse_batch_engine
+from cl_merge.merging._stateful import RunningMergeStrategy
 from cl_merge.merging.base import MergeMethod, check_fraction, require
 from cl_merge.merging.lifecycle import TaskInput
 from cl_merge.merging.registry import register
@@ -101,14 +101,6 @@ class OPCM(MergeMethod):
                 f"{self.name}: additive_keys must be a list of key patterns, got {self.additive_keys!r}")
         self.additive_keys = tuple(self.additive_keys)
         make_filter(include=list(self.additive_keys))  # validates re: patterns
-
-    def supports_incremental(self) -> bool:
-        # the per-entry IncrementalMerger hooks cannot express the model-wide
-        # rescaling: the incremental form is the strategy from create_strategy
-        return False
-
-    def merge_tensor(self, key, base, deltas, context):
-        refuse_batch_engine(self.name)
 
     def create_strategy(self, key_filter=None, device=None) -> "OPCMStrategy":
         return OPCMStrategy(self, key_filter, device)

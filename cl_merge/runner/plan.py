@@ -268,6 +268,7 @@ def _state_copies(method, num_stages: int) -> float:
     import torch
 
     from cl_merge.merging import build_strategy
+    from cl_merge.merging.base import builds_own_strategy
 
     strategy = build_strategy(method)
     if "model" in strategy.needs:
@@ -276,7 +277,7 @@ def _state_copies(method, num_stages: int) -> float:
     # block-indexed keys, so depth-aware strategies (LiNeS) find their layers
     theta0 = {"blocks.0.w": torch.zeros(16, 8), "blocks.0.b": torch.zeros(16)}
     base_bytes = sum(v.numel() * v.element_size() for v in theta0.values())
-    if getattr(method, "create_strategy", None) is None:
+    if not builds_own_strategy(method):
         from cl_merge.merging import IncrementalMerger
 
         if not method.supports_incremental():
