@@ -33,8 +33,8 @@ the hyperparameters of our matching rows (TIES: density 0.2 = its
 ``reset_thresh=20``, disjoint sum). FusionBench must be importable by the
 interpreter given with ``--fb-python`` (or the ``CL_MERGE_FB_PYTHON``
 environment variable; default: this one), e.g. a separate virtual
-environment with ``fusion_bench`` installed; the worker then needs this
-checkout on ``PYTHONPATH``. FusionBench's inputs stay mmap-backed (page
+environment with ``fusion_bench`` installed (its worker imports this
+checkout from the source tree). FusionBench's inputs stay mmap-backed (page
 cache, touched before the timer) so that its extra memory is its own.
 """
 
@@ -290,8 +290,12 @@ def worker(job: dict) -> dict:
 # ----------------------------------------------------------------- driver
 def run_job(job: dict, timeout: float, python: str | None = None) -> dict:
     cmd = [python or sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)]
+    # another interpreter (FusionBench's environment) imports this checkout from its source tree
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                      env.get("PYTHONPATH")]))
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f} s"}
     if done.returncode != 0:

@@ -121,6 +121,79 @@ def test_merge_level_agreement_on_larger_matrices():
         assert rel(got, want) < 5e-5, method
 
 
+# ------------------------------------------------------------------ CPU kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(70, 40), (40, 70)])
+def test_cpu_gram_is_the_lower_triangle_of_the_product(dtype, shape):
+    gen = torch.Generator().manual_seed(9)
+    a = torch.randn(shape, generator=gen, dtype=dtype)
+    wide = shape[0] < shape[1]
+    want = a @ a.T if wide else a.T @ a
+    got = _svd._gram(a, wide)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.tril(), want.tril())
+
+
+@pytest.mark.parametrize("count", [5, 40])  # MRRR on a subset, and the full divide-and-conquer
+def test_cpu_leading_eigenpairs_match_torch(count):
+    gen = torch.Generator().manual_seed(10)
+    a = torch.randn(90, 40, generator=gen, dtype=torch.float64)
+    gram = a.T @ a
+    lam_t, vec_t = torch.linalg.eigh(gram)
+    lam, vec = _svd._eigh_leading(_svd._gram(a, wide=False), count)
+    assert lam.shape == (count,) and vec.shape == (40, count)
+    torch.testing.assert_close(lam, lam_t.flip(0)[:count])
+    # eigenvectors up to sign
+    dots = (vec * vec_t.flip(1)[:, :count]).sum(0).abs()
+    torch.testing.assert_close(dots, torch.ones(count, dtype=torch.float64))
+
+
+def test_cpu_svd_matches_torch():
+    gen = torch.Generator().manual_seed(11)
+    a = torch.randn(80, 50, generator=gen)
+    u, s, vh = _svd._full_svd(a)
+    _, s_t, _ = torch.linalg.svd(a, full_matrices=False)
+    torch.testing.assert_close(s, s_t)
+    torch.testing.assert_close((u * s) @ vh, a, atol=1e-5, rtol=0)
+
+
+def test_device_path_agrees_with_the_cpu_kernels(fast, monkeypatch):
+    # the torch calls a GPU takes, exercised on CPU: same triplets, polar and merges
+    gen = torch.Generator().manual_seed(12)
+    deltas = [with_spectrum(gen, 64, 48, torch.logspace(0, -1.5, 48, dtype=torch.float64)) * 0.01
+              for _ in range(3)]
+    lapack = (tsv_merge_matrix(deltas), _svd.isotropic(sum(deltas)), iso_cts_matrix(deltas, 0.8),
+              _svd.top_singular_triplets(deltas[0], 5)[1])
+    monkeypatch.setattr(_svd, "_on_lapack", lambda tensor: False)
+    device = (tsv_merge_matrix(deltas), _svd.isotropic(sum(deltas)), iso_cts_matrix(deltas, 0.8),
+              _svd.top_singular_triplets(deltas[0], 5)[1])
+    for got, want in zip(device, lapack):
+        assert rel(got, want) < 1e-5
+
+
+def test_blas_threads_follow_torch():
+    from threadpoolctl import threadpool_info
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _svd._blas_threads():
+            inside = {info["filepath"]: info["num_threads"] for info in threadpool_info()
+                      if info["user_api"] == "blas"}
+    finally:
+        torch.set_num_threads(old)
+    assert inside and set(inside.values()) == {1}
+
+
+def test_nearly_square_ill_conditioned_polar_takes_the_exact_svd(fast):
+    # σ_max/σ_min = 1e3: float32 Gram refused, and a square matrix skips the float64 Gram
+    gen = torch.Generator().manual_seed(13)
+    a = with_spectrum(gen, 60, 60, torch.logspace(0, -3, 60, dtype=torch.float64))
+    assert _svd._gram_eigh(a, 59, float64=False) is None
+    p64, _, q64 = torch.linalg.svd(a.double())
+    assert rel(_svd.polar_factor(a), p64 @ q64) < 1e-4
+
+
 # ------------------------------------------------------------------ TIES threshold
 def test_bracketed_kth_equals_sort_and_falls_back():
     gen = torch.Generator().manual_seed(6)
