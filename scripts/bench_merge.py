@@ -11,7 +11,9 @@ seeded noise), writes them as safetensors to a temp folder, then runs every
   model at a time), as ``cl-merge merge`` does.
 
 Reported per run: wall time of the merge, its ratio to one read pass over all
-inputs (the bandwidth floor of any merge), and the peak RSS above the level
+inputs (the bandwidth floor of any merge; a second floor row adds allocating
+and writing one model-sized output, which any merge returning new tensors
+also pays), and the peak RSS above the level
 before the merge (VmRSS, and RssAnon, which leaves out the file-backed pages
 of the inputs' page cache that an mmap reader touches).
 
@@ -53,6 +55,9 @@ from pathlib import Path
 
 GB = 1e9
 FLOOR = "read pass (floor)"
+# the least any merge that returns new tensors costs: the read pass plus
+# allocating and writing one model-sized output (the kernel zero-fills fresh pages)
+WRITE_FLOOR = "read + new output (floor)"
 FB_METHODS = ("fusion_bench:task_arithmetic", "fusion_bench:ties", "fusion_bench:tsv_m", "fusion_bench:iso_c",
               "fusion_bench:iso_cts")
 # our spec timed against each FusionBench row (same hyperparameters)
@@ -248,13 +253,17 @@ def worker(job: dict) -> dict:
             except ImportError:
                 return {"error": "fusion_bench not installed"}
             run = lambda: fusion_bench_merge(spec.split(":", 1)[1], pre, fts)  # noqa: E731
-        elif spec == FLOOR:
+        elif spec in (FLOOR, WRITE_FLOOR):
             if mode == "memory":
-                run = lambda: [float(v.sum()) for sd in inputs for v in sd.values() if v.is_floating_point()]  # noqa: E731
+                read = lambda: [float(v.sum()) for sd in inputs for v in sd.values() if v.is_floating_point()]  # noqa: E731
+                shapes = {k: v.shape for k, v in pre.items() if v.is_floating_point()}
             else:
                 # get_tensor maps the file lazily: the sum makes the read happen
-                run = lambda: [float(r.get(k).sum()) for r in inputs for k in r.keys()  # noqa: E731
-                               if r.dtype(k).is_floating_point]
+                read = lambda: [float(r.get(k).sum()) for r in inputs for k in r.keys()  # noqa: E731
+                                if r.dtype(k).is_floating_point]
+                shapes = {k: pre.shape(k) for k in pre.keys() if pre.dtype(k).is_floating_point}
+            run = read if spec == FLOOR else \
+                lambda: (read(), [torch.empty(shape).fill_(0.0) for shape in shapes.values()])  # noqa: E731
         else:
             name, hparams = parse_spec(spec)
             try:
@@ -367,6 +376,9 @@ def main(argv=None) -> int:
                 floor = run_job({"paths": job_paths, "method": FLOOR, "mode": mode, "repeat": args.repeat,
                                   "threads": args.threads}, args.timeout)
                 rows.append((FLOOR, mode, count, floor, floor.get("seconds")))
+                write_floor = run_job({"paths": job_paths, "method": WRITE_FLOOR, "mode": mode,
+                                       "repeat": args.repeat, "threads": args.threads}, args.timeout)
+                rows.append((WRITE_FLOOR, mode, count, write_floor, floor.get("seconds")))
                 for spec in methods:
                     if spec.startswith("fusion_bench:") and mode != "memory":
                         continue

@@ -122,9 +122,26 @@ def test_merge_level_agreement_on_larger_matrices():
 
 
 # ------------------------------------------------------------------ CPU kernels
+@pytest.fixture
+def one_thread():
+    """torch single-threaded: every CPU kernel then goes to scipy's LAPACK."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_kernel_choice_follows_the_thread_count(one_thread):
+    x = torch.zeros(4, 4)
+    assert _svd._on_lapack(x) and not _svd._on_lapack(x.to(torch.float16))
+    torch.set_num_threads(2)
+    assert not _svd._on_lapack(x)
+    assert _svd._on_lapack(x, algorithmic=True)  # MRRR on a subset is the cheaper algorithm at any count
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", [(70, 40), (40, 70)])
-def test_cpu_gram_is_the_lower_triangle_of_the_product(dtype, shape):
+def test_cpu_gram_is_the_lower_triangle_of_the_product(one_thread, dtype, shape):
     gen = torch.Generator().manual_seed(9)
     a = torch.randn(shape, generator=gen, dtype=dtype)
     wide = shape[0] < shape[1]
@@ -135,7 +152,7 @@ def test_cpu_gram_is_the_lower_triangle_of_the_product(dtype, shape):
 
 
 @pytest.mark.parametrize("count", [5, 40])  # MRRR on a subset, and the full divide-and-conquer
-def test_cpu_leading_eigenpairs_match_torch(count):
+def test_cpu_leading_eigenpairs_match_torch(one_thread, count):
     gen = torch.Generator().manual_seed(10)
     a = torch.randn(90, 40, generator=gen, dtype=torch.float64)
     gram = a.T @ a
@@ -148,7 +165,7 @@ def test_cpu_leading_eigenpairs_match_torch(count):
     torch.testing.assert_close(dots, torch.ones(count, dtype=torch.float64))
 
 
-def test_cpu_svd_matches_torch():
+def test_cpu_svd_matches_torch(one_thread):
     gen = torch.Generator().manual_seed(11)
     a = torch.randn(80, 50, generator=gen)
     u, s, vh = _svd._full_svd(a)
@@ -157,31 +174,26 @@ def test_cpu_svd_matches_torch():
     torch.testing.assert_close((u * s) @ vh, a, atol=1e-5, rtol=0)
 
 
-def test_device_path_agrees_with_the_cpu_kernels(fast, monkeypatch):
+def test_device_path_agrees_with_the_cpu_kernels(fast, one_thread, monkeypatch):
     # the torch calls a GPU takes, exercised on CPU: same triplets, polar and merges
     gen = torch.Generator().manual_seed(12)
     deltas = [with_spectrum(gen, 64, 48, torch.logspace(0, -1.5, 48, dtype=torch.float64)) * 0.01
               for _ in range(3)]
     lapack = (tsv_merge_matrix(deltas), _svd.isotropic(sum(deltas)), iso_cts_matrix(deltas, 0.8),
               _svd.top_singular_triplets(deltas[0], 5)[1])
-    monkeypatch.setattr(_svd, "_on_lapack", lambda tensor: False)
+    monkeypatch.setattr(_svd, "_on_lapack", lambda tensor, algorithmic=False: False)
     device = (tsv_merge_matrix(deltas), _svd.isotropic(sum(deltas)), iso_cts_matrix(deltas, 0.8),
               _svd.top_singular_triplets(deltas[0], 5)[1])
     for got, want in zip(device, lapack):
         assert rel(got, want) < 1e-5
 
 
-def test_blas_threads_follow_torch():
+def test_lapack_calls_run_in_the_calling_thread():
     from threadpoolctl import threadpool_info
 
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with _svd._blas_threads():
-            inside = {info["filepath"]: info["num_threads"] for info in threadpool_info()
-                      if info["user_api"] == "blas"}
-    finally:
-        torch.set_num_threads(old)
+    with _svd._one_blas_thread():
+        inside = {info["filepath"]: info["num_threads"] for info in threadpool_info()
+                  if info["user_api"] == "blas"}
     assert inside and set(inside.values()) == {1}
 
 
