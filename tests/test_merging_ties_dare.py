@@ -252,6 +252,18 @@ def test_dare_ties_with_no_drop_is_ties():
     assert not torch.equal(a["a.weight"], c["a.weight"])
 
 
+def test_dare_ties_trims_the_heap_between_draws_without_changing_the_merge(monkeypatch):
+    import cl_merge.merging.dare as dare
+
+    base, fts = random_models(num_tasks=3, seed=4)
+    want = merge(base, fts, "dare_ties", density=0.3)
+    trims = []
+    monkeypatch.setattr(dare, "TRIM_EVERY_BYTES", 1)  # after every draw
+    monkeypatch.setattr(dare, "release_freed_heap", lambda: trims.append(1))
+    got = merge(base, fts, "dare_ties", density=0.3)
+    assert trims and all(torch.equal(got[k], want[k]) for k in base)
+
+
 # ============================================================== Breadcrumbs
 def test_breadcrumbs_hand_computed():
     base = {"w": torch.ones(2, 3)}

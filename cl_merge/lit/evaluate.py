@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from cl_merge.core.heap import release_freed_heap
 from cl_merge.errors import ConfigError, DataError
 from cl_merge.models.base import TaskModel, check_state_dict_fits
 
@@ -66,32 +67,9 @@ def autocast_for(device: torch.device, precision: str | int | None):
     return contextlib.nullcontext()
 
 
-# on CPU, after this many bytes of input batches, freed C heap memory is handed back to the OS
+# on CPU, after this many bytes of input batches, freed C heap memory is handed
+# back to the OS (on a GPU the forward pass does not use the C heap: no trim)
 TRIM_EVERY_BYTES = 256 * 2**20
-_malloc_trim = None
-
-
-def release_freed_heap() -> None:
-    """Give the C heap's free pages back to the OS (glibc's ``malloc_trim``; a
-    no-op elsewhere).
-
-    Why: on CPU, glibc keeps the memory a forward pass frees inside the
-    process, and over an evaluation of 224-px batches the retained part grew
-    by ~4 MB per batch (400 MB over a 10,000-image test set in
-    ``scripts/bench_data.py``), so peak memory grew with the test set. A
-    trim is cheap (well under a millisecond here); on a GPU the forward pass
-    does not use the C heap, so evaluation there does not trim.
-    """
-    global _malloc_trim
-    if _malloc_trim is None:
-        import ctypes
-
-        try:
-            _malloc_trim = ctypes.CDLL(None).malloc_trim
-        except (AttributeError, OSError):  # not glibc
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
 
 
 class _TransformCollate:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cl_merge.core.heap import release_freed_heap
 from cl_merge.merging.base import MergeMethod, require
 from cl_merge.merging.registry import register
 from cl_merge.merging.ties import Ties
@@ -33,6 +34,10 @@ def drop_and_rescale(delta: Tensor, drop_rate: float, seed: int, task_index: int
     uniform = torch.rand(delta.shape, generator=dare_generator(seed, task_index, key), dtype=torch.float32)
     kept = (uniform >= drop_rate).to(delta.device)
     return torch.where(kept, delta / (1.0 - drop_rate), 0.0)
+
+
+TRIM_EVERY_BYTES = 256 * 2**20  # of DARE draws between two heap trims (DARE-TIES)
+_drawn_since_trim = 0
 
 
 def check_drop_rate(method: str, drop_rate: float) -> None:
@@ -132,4 +137,11 @@ class DareTies(Ties):
         super().validate()
 
     def transform_delta(self, key, delta, task_index):
+        global _drawn_since_trim
+        _drawn_since_trim += delta.numel() * 4
+        if _drawn_since_trim >= TRIM_EVERY_BYTES:
+            # TIES' passes draw every tensor of every task, sizes varying: glibc's
+            # heap grew to three model copies at ViT-B/32 with nothing live
+            release_freed_heap()
+            _drawn_since_trim = 0
         return drop_and_rescale(delta, self.drop_rate, self.seed, task_index, key)
