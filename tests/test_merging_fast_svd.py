@@ -98,6 +98,16 @@ def test_tsv_and_iso_cts_fast_agree_with_exact(fast):
         assert rel(iso_cts_matrix(deltas, 0.8), exact(iso_cts_matrix, [d.double() for d in deltas], 0.8)) < 5e-5
 
 
+def test_iso_cts_common_subspace_does_not_lose_the_gap(fast):
+    # random task vectors: the common/residual cut falls between close
+    # eigenvalues. A float32 Gram there gave 1.4e-5 (a float32 SVD 8e-6);
+    # the float64 common decomposition keeps it near 1e-6
+    gen = torch.Generator().manual_seed(14)
+    deltas = [torch.randn(96, 96, generator=gen) * 1e-3 for _ in range(8)]
+    want = exact(iso_cts_matrix, [d.double() for d in deltas], 0.8)
+    assert rel(iso_cts_matrix(deltas, 0.8), want) < 5e-6
+
+
 def test_float64_inputs_stay_float64(fast):
     gen = torch.Generator().manual_seed(4)
     a = with_spectrum(gen, 48, 40, SPECTRA["decaying"](40)).double()
