@@ -28,7 +28,7 @@ def sequential_sum(pre, fts, key):
 
 
 def test_big_tensor_is_chunked():
-    assert BIG[0] * BIG[1] > engine._INTO_CHUNK
+    assert BIG[0] * BIG[1] > engine.MergeMethod.into_chunk
 
 
 @pytest.mark.parametrize("device", [None, "cpu"])
@@ -58,7 +58,7 @@ def test_chunked_batch_equals_incremental():
 
 def test_nan_in_a_later_chunk_names_the_input():
     pre, fts = models()
-    fts[1]["w"].view(-1)[engine._INTO_CHUNK + 17] = float("nan")
+    fts[1]["w"].view(-1)[engine.MergeMethod.into_chunk + 17] = float("nan")
     with pytest.raises(MergeInputError, match=r"NaN in tensor 'w' of fine-tuned model 1"):
         cl_merge.merge(pre, fts, "task_arithmetic")
 
@@ -74,7 +74,7 @@ def test_overflow_from_finite_inputs_is_refused():
     pre = {"w": torch.zeros(BIG)}
     fts = [{"w": torch.zeros(BIG)} for _ in range(2)]
     for ft in fts:
-        ft["w"].view(-1)[engine._INTO_CHUNK + 3] = 3e38  # each finite; their sum is not
+        ft["w"].view(-1)[engine.MergeMethod.into_chunk + 3] = 3e38  # each finite; their sum is not
     with pytest.raises(MergeInputError, match=r"merging 'w' produced NaN/Inf from finite inputs"):
         cl_merge.merge(pre, fts, "task_arithmetic", scaling=1.0)
 
@@ -82,16 +82,16 @@ def test_overflow_from_finite_inputs_is_refused():
 def test_half_output_overflow_is_refused_after_the_cast():
     pre, fts = models(num=2, dtype=torch.float16)
     for ft in fts:
-        ft["w"].view(-1)[engine._INTO_CHUNK + 5] = 40000.0  # fp16 max is 65504
+        ft["w"].view(-1)[engine.MergeMethod.into_chunk + 5] = 40000.0  # fp16 max is 65504
     with pytest.raises(MergeInputError, match=r"merged tensor 'w' overflows torch.float16"):
         cl_merge.merge(pre, fts, "task_arithmetic", scaling=1.0)
 
 
 def test_check_finite_off_lets_nan_through():
     pre, fts = models(num=2)
-    fts[0]["w"].view(-1)[engine._INTO_CHUNK + 1] = float("nan")
+    fts[0]["w"].view(-1)[engine.MergeMethod.into_chunk + 1] = float("nan")
     out = cl_merge.merge(pre, fts, "task_arithmetic", check_finite=False)
-    assert torch.isnan(out["w"].view(-1)[engine._INTO_CHUNK + 1])
+    assert torch.isnan(out["w"].view(-1)[engine.MergeMethod.into_chunk + 1])
     assert int(torch.isnan(out["w"]).sum()) == 1
 
 

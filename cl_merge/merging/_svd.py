@@ -246,13 +246,14 @@ def top_triplets_and_left_complement(matrix: Tensor, rank: int):
     m, n = matrix.shape
     if m > n or m < EXACT_BELOW or rank < 1:
         return (*top_singular_triplets(matrix, rank), None)
-    found = _gram_eigh(matrix.to(torch.float64), rank - 1, left=True)
+    a = matrix.to(torch.float64)
+    found = _gram_eigh(a, rank - 1, left=True)
     if found is None:
         return (*exact_truncated_svd(matrix, rank), None)
     lam, vec, _wide = found
     sigma = lam[:rank].sqrt()
     u = vec[:, :rank]
-    vh = (u.T @ matrix.to(lam.dtype)) / sigma[:, None]
+    vh = (u.T @ a) / sigma[:, None]
     out = matrix.dtype
     return u.to(out), sigma.to(out), vh.to(out), vec[:, rank:].to(out)
 

@@ -166,6 +166,11 @@ class MergeMethod:
     # cache-sized chunks, which keeps the accumulator in cache (≈5× faster sums)
     elementwise: ClassVar[bool] = False
     # entries per chunk when the engine fills the output with merge_tensor_into
+    # (2^19, 2 MiB of fp32): a sum's accumulator and scratch stay in cache
+    # while each input chunk streams through once, and the chunks are large
+    # enough that torch's per-op overhead and the threads' fork/join per op
+    # stay small (task arithmetic on ViT-B/32 inputs: 2^16 is 1.3× slower,
+    # 2^20 no faster)
     into_chunk: ClassVar[int] = 1 << 19
 
     def __post_init__(self) -> None:
@@ -373,12 +378,6 @@ def resolve_device(device) -> torch.device | None:
 
 
 _CHUNK = 1 << 16  # elements per chunk for entry-wise methods (256 KiB of fp32: fits L2)
-# default chunk of an in-place entry-wise merge (``MergeMethod.into_chunk``,
-# 2^19 entries, 2 MiB of fp32): a sum's accumulator and scratch stay in cache
-# while each input chunk streams through once, and the chunks are large
-# enough that torch's per-op overhead and the threads' fork/join per op stay
-# small (task arithmetic on ViT-B/32 inputs: 2^16 is 1.3× slower, 2^20 no faster)
-_INTO_CHUNK = MergeMethod.into_chunk
 
 
 def _overrides_into(method: MergeMethod) -> bool:
