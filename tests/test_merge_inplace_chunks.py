@@ -105,3 +105,21 @@ def test_inputs_untouched_and_empty_tensor():
     assert out["e"].shape == (0, 3)
     for original, sd in zip(before, [pre, *fts]):
         assert all(torch.equal(original[k], sd[k]) for k in sd)
+
+
+def test_scratch_buffer_is_reused_across_chunks_and_follows_the_dtype():
+    from cl_merge.merging.task_arithmetic import ScratchBuffer, sum_of_differences
+
+    scratch = ScratchBuffer()
+    first = scratch.like(torch.empty(10, 4))
+    smaller = scratch.like(torch.empty(3, 5))
+    assert smaller.shape == (3, 5) and smaller.data_ptr() == first.data_ptr()
+    larger = scratch.like(torch.empty(100))
+    assert larger.numel() == 100
+    double = scratch.like(torch.empty(4, dtype=torch.float64))
+    assert double.dtype == torch.float64 and double.shape == (4,)
+    # the scratch only holds each τ_t: the sum is the same bits with or without it
+    pre, fts = models(num=4, shape=(300, 7))
+    weights = [ft["w"] for ft in fts]
+    assert torch.equal(sum_of_differences(weights, pre["w"], scratch=scratch),
+                       sum_of_differences(weights, pre["w"]))
