@@ -1,9 +1,10 @@
 #!/usr/bin/env python
-"""Time the data-free merging strategies on ViT-B/32-sized inputs.
+"""Time the data-free merging strategies on ViT-B/32- or ViT-L/14-sized inputs.
 
-Builds a pretrained model shaped like open_clip's ``ViT-B-32`` visual tower
-(random init, 87.8M parameters) and N fine-tuned copies (pretrained + small
-seeded noise), writes them as safetensors to a temp folder, then runs every
+Builds a pretrained model shaped like an open_clip visual tower (``--model``:
+``ViT-B-32``, 87.8M parameters, by default; ``ViT-B-16``; ``ViT-L-14``, 303M)
+with random values, and N fine-tuned copies (pretrained + small seeded
+noise), writes them as safetensors to a temp folder, then runs every
 (method, mode, N) in its own subprocess for a clean peak-memory reading:
 
 - ``memory``: inputs loaded into state dicts first, then ``cl_merge.merge``;
@@ -22,6 +23,10 @@ of the inputs' page cache that an mmap reader touches).
     python scripts/bench_merge.py --models 2,4,8 --modes stream --methods task_arithmetic
     python scripts/bench_merge.py --against fusion_bench
     python scripts/bench_merge.py --device cuda --methods ties,tsv_m --models 8,20
+    python scripts/bench_merge.py --model ViT-L-14 --modes stream --models 8,20
+
+The inputs are built from the towers' shapes alone (no open_clip needed, so
+the script runs on a machine that has torch and safetensors only).
 
 A method spec is ``name`` or ``name:param=value:param=value``. Besides wall
 time, each run reports its process CPU time (all threads): on a shared,
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -68,7 +74,7 @@ FB_COUNTERPART = {"task_arithmetic": ("task_arithmetic",),
 
 # ----------------------------------------------------------------- inputs
 def vit_visual_shapes(width: int, layers: int, patch: int = 32, image: int = 224, out_dim: int = 512) -> dict:
-    """Key -> shape of an open_clip VisionTransformer (used for --quick)."""
+    """Key -> shape of an open_clip VisionTransformer's state dict."""
     grid = image // patch
     shapes = {"class_embedding": (width,), "positional_embedding": (grid * grid + 1, width),
               "proj": (width, out_dim), "conv1.weight": (width, 3, patch, patch),
@@ -87,27 +93,33 @@ def vit_visual_shapes(width: int, layers: int, patch: int = 32, image: int = 224
     return shapes
 
 
-def build_inputs(folder: Path, num_models: int, quick: bool, seed: int = 0) -> list[Path]:
+# open_clip's vision_cfg (width, layers, patch) and embed_dim of each tower;
+# "tiny" is --quick's
+VISUAL_TOWERS = {"ViT-B-32": (768, 12, 32, 512), "ViT-B-16": (768, 12, 16, 512), "ViT-L-14": (1024, 24, 14, 768),
+                 "tiny": (192, 4, 32, 512)}
+
+
+def tower_shapes(model: str) -> dict:
+    width, layers, patch, out_dim = VISUAL_TOWERS[model]
+    return vit_visual_shapes(width, layers, patch=patch, out_dim=out_dim)
+
+
+def build_inputs(folder: Path, num_models: int, model: str, seed: int = 0) -> list[Path]:
     """Write (or, in a --workdir that holds them already, reuse) the inputs."""
     import torch
 
-    import cl_merge  # noqa: F401  (torchvision compat before open_clip)
     from cl_merge.core.io import save_state_dict
 
     stamp = folder / "inputs.json"
-    wanted = {"num_models": num_models, "quick": quick, "seed": seed}
+    wanted = {"num_models": num_models, "model": model, "seed": seed}
     paths = [folder / "pretrained.safetensors"] + [folder / f"finetuned_{i}.safetensors" for i in range(num_models)]
     if stamp.exists() and json.loads(stamp.read_text()) == wanted and all(p.exists() for p in paths):
         return paths
 
     gen = torch.Generator().manual_seed(seed)
-    if quick:
-        pre = {k: 0.02 * torch.randn(s, generator=gen) for k, s in vit_visual_shapes(192, 4).items()}
-    else:
-        import open_clip
-
-        torch.manual_seed(seed)  # open_clip's init draws from the global RNG
-        pre = open_clip.create_model("ViT-B-32", pretrained=None).visual.state_dict()
+    # the values only need to be generic: no strategy's cost depends on them
+    # (the SVD family's rank cut-offs are fixed fractions)
+    pre = {k: 0.02 * torch.randn(s, generator=gen) for k, s in tower_shapes(model).items()}
     paths = [save_state_dict(pre, folder / "pretrained.safetensors")]
     for i in range(num_models):
         ft = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in pre.items()}
@@ -273,8 +285,9 @@ def worker(job: dict) -> dict:
             device = job.get("device")
             run = lambda: run_merge(strategy, pre, fts, device=device)  # noqa: E731
         # warm up the thread pool and allocator on a tiny merge (not timed)
+        # (on the merge's device: a CUDA context's start is not timed either)
         tiny = {"w": torch.ones(64, 64)}
-        cl_merge.merge(tiny, [tiny, tiny])
+        cl_merge.merge(tiny, [tiny, tiny], device=job.get("device"))
         with PeakSampler() as sampler:
             start, cpu_start = time.perf_counter(), time.process_time()
             try:
@@ -331,6 +344,8 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", default=None, help="comma-separated method specs (default: all registered)")
     parser.add_argument("--skip", default="", help="comma-separated method names to leave out (e.g. slow SVD ones)")
     parser.add_argument("--modes", default="memory,stream", help="memory, stream or both")
+    parser.add_argument("--model", default="ViT-B-32", choices=[m for m in VISUAL_TOWERS if m != "tiny"],
+                        help="open_clip visual tower whose shapes the inputs take")
     parser.add_argument("--quick", action="store_true", help="small ViT shapes (4 blocks of width 192)")
     parser.add_argument("--against", default=None, choices=["fusion_bench"],
                         help="also time FusionBench's TA, TIES, TSV-M, Iso-C and Iso-CTS on the same inputs")
@@ -365,7 +380,8 @@ def main(argv=None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
-        paths = [str(p) for p in build_inputs(folder, max(counts), args.quick)]
+        model = "tiny" if args.quick else args.model
+        paths = [str(p) for p in build_inputs(folder, max(counts), model)]
         size = sum(os.path.getsize(p) for p in paths[: max(counts) + 1]) / GB
         print(f"inputs: 1 pretrained + {max(counts)} fine-tuned, {size:.2f} GB of fp32 safetensors "
               f"(built in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
@@ -388,15 +404,17 @@ def main(argv=None) -> int:
                                      args.timeout, args.fb_python if is_fb else None)
                     rows.append((spec, mode, count, result, floor.get("seconds")))
                     print(f"  {spec} [{mode}, N={count}]: {result}", file=sys.stderr)
-        print(format_table(rows, quick=args.quick, model_gb=os.path.getsize(paths[0]) / GB))
+        print(format_table(rows, model, model_gb=os.path.getsize(paths[0]) / GB))
     finally:
         if not args.workdir:
             shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 
-def format_table(rows, quick: bool, model_gb: float = 0.0) -> str:
-    shape = "ViT-B/32-like quick shapes (4×192)" if quick else "open_clip ViT-B-32 visual (87.8M params, fp32)"
+def format_table(rows, model: str, model_gb: float = 0.0) -> str:
+    params = sum(math.prod(shape) for shape in tower_shapes(model).values()) / 1e6
+    shape = ("quick ViT shapes (4 blocks of width 192)" if model == "tiny"
+             else f"open_clip {model} visual tower shapes ({params:.1f}M params, fp32)")
     out = [f"Inputs: {shape}; peak memory is above the level before the merge.", "",
            "| method | mode | N | time (s) | CPU (s) | × read floor | peak ΔRSS (GB) | peak ΔAnon (GB) |",
            "|---|---|---:|---:|---:|---:|---:|---:|"]
