@@ -123,3 +123,23 @@ def test_scratch_buffer_is_reused_across_chunks_and_follows_the_dtype():
     weights = [ft["w"] for ft in fts]
     assert torch.equal(sum_of_differences(weights, pre["w"], scratch=scratch),
                        sum_of_differences(weights, pre["w"]))
+
+
+def test_magmax_chunked_equals_the_papers_rule_and_its_incremental_form():
+    pre, fts = models(num=4, seed=7)
+    # exact ties in magnitude with opposite signs: the later task (2) wins
+    pre["w"][0, :3] = 0.0
+    for ft, value in zip(fts, (0.125, 0.25, -0.25, 0.0)):
+        ft["w"][0, :3] = value
+    batch = cl_merge.merge(pre, fts, "magmax", scaling=0.5)
+    merger = cl_merge.merging.incremental_merger(pre, "magmax", scaling=0.5)
+    for ft in fts:
+        merger.update_finetuned(ft)
+    for key in pre:
+        taus = torch.stack([ft[key] - pre[key] for ft in fts])
+        # argmax of |τ| taking the last of equal magnitudes
+        last = taus.shape[0] - 1 - taus.abs().flip(0).argmax(0)
+        expected = pre[key] + 0.5 * taus.gather(0, last.unsqueeze(0)).squeeze(0)
+        assert torch.equal(batch[key], expected), key
+        assert torch.equal(batch[key], merger.current()[key]), key
+    assert torch.equal(batch["w"][0, :3], torch.full((3,), -0.125))
