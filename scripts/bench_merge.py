@@ -2,7 +2,7 @@
 """Time the data-free merging strategies on ViT-B/32- or ViT-L/14-sized inputs.
 
 Builds a pretrained model shaped like an open_clip visual tower (``--model``:
-``ViT-B-32``, 87.8M parameters, by default; ``ViT-B-16``; ``ViT-L-14``, 303M)
+``ViT-B-32``, 87.8M parameters, by default; ``ViT-B-16``; ``ViT-L-14``, 304M)
 with random values, and N fine-tuned copies (pretrained + small seeded
 noise), writes them as safetensors to a temp folder, then runs every
 (method, mode, N) in its own subprocess for a clean peak-memory reading:
@@ -104,25 +104,47 @@ def tower_shapes(model: str) -> dict:
     return vit_visual_shapes(width, layers, patch=patch, out_dim=out_dim)
 
 
-def build_inputs(folder: Path, num_models: int, model: str, seed: int = 0) -> list[Path]:
-    """Write (or, in a --workdir that holds them already, reuse) the inputs."""
+def decaying_task_vector(shape: tuple, generator, scale: float = 1e-3) -> "torch.Tensor":
+    """A matrix whose singular values fall as 1/i (G1·diag(1/i)·G2 with
+    Gaussian G1, G2), the fast decay fine-tuning updates show; its Gram
+    matrix is far beyond the SVD family's float32 condition limit."""
+    import torch
+
+    rank = min(shape)
+    left = torch.randn(shape[0], rank, generator=generator)
+    left.mul_(1.0 / torch.arange(1, rank + 1, dtype=left.dtype))
+    matrix = left @ torch.randn(rank, shape[1], generator=generator)
+    return matrix.mul_(scale * (shape[0] * shape[1]) ** 0.5 / matrix.norm())
+
+
+def build_inputs(folder: Path, num_models: int, model: str, seed: int = 0, spectrum: str = "flat") -> list[Path]:
+    """Write (or, in a --workdir that holds them already, reuse) the inputs.
+    ``spectrum``: "flat", task vectors of i.i.d. noise; "decaying", 2-D task
+    vectors with singular values falling as 1/i (``decaying_task_vector``)."""
     import torch
 
     from cl_merge.core.io import save_state_dict
 
     stamp = folder / "inputs.json"
-    wanted = {"num_models": num_models, "model": model, "seed": seed}
+    wanted = {"num_models": num_models, "model": model, "seed": seed, "spectrum": spectrum}
     paths = [folder / "pretrained.safetensors"] + [folder / f"finetuned_{i}.safetensors" for i in range(num_models)]
     if stamp.exists() and json.loads(stamp.read_text()) == wanted and all(p.exists() for p in paths):
         return paths
 
     gen = torch.Generator().manual_seed(seed)
-    # the values only need to be generic: no strategy's cost depends on them
-    # (the SVD family's rank cut-offs are fixed fractions)
+    # random values, as open_clip's own initialisation: costs depend on the
+    # shapes, except the SVD family's precision rule, which sees the task
+    # vectors' conditioning (hence ``spectrum``)
     pre = {k: 0.02 * torch.randn(s, generator=gen) for k, s in tower_shapes(model).items()}
     paths = [save_state_dict(pre, folder / "pretrained.safetensors")]
+
+    def task_vector(value):
+        if spectrum == "decaying" and value.dim() == 2:
+            return decaying_task_vector(tuple(value.shape), gen)
+        return 1e-3 * torch.randn(value.shape, generator=gen)
+
     for i in range(num_models):
-        ft = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) for k, v in pre.items()}
+        ft = {k: v + task_vector(v) for k, v in pre.items()}
         paths.append(save_state_dict(ft, folder / f"finetuned_{i}.safetensors"))
         del ft
     stamp.write_text(json.dumps(wanted))
@@ -347,6 +369,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="ViT-B-32", choices=[m for m in VISUAL_TOWERS if m != "tiny"],
                         help="open_clip visual tower whose shapes the inputs take")
     parser.add_argument("--quick", action="store_true", help="small ViT shapes (4 blocks of width 192)")
+    parser.add_argument("--spectrum", default="flat", choices=["flat", "decaying"],
+                        help="task vectors of i.i.d. noise (flat), or 2-D ones with singular values ∝ 1/i")
     parser.add_argument("--against", default=None, choices=["fusion_bench"],
                         help="also time FusionBench's TA, TIES, TSV-M, Iso-C and Iso-CTS on the same inputs")
     parser.add_argument("--fb-python", default=os.environ.get("CL_MERGE_FB_PYTHON"),
@@ -381,7 +405,7 @@ def main(argv=None) -> int:
     try:
         t0 = time.perf_counter()
         model = "tiny" if args.quick else args.model
-        paths = [str(p) for p in build_inputs(folder, max(counts), model)]
+        paths = [str(p) for p in build_inputs(folder, max(counts), model, spectrum=args.spectrum)]
         size = sum(os.path.getsize(p) for p in paths[: max(counts) + 1]) / GB
         print(f"inputs: 1 pretrained + {max(counts)} fine-tuned, {size:.2f} GB of fp32 safetensors "
               f"(built in {time.perf_counter() - t0:.0f} s)", file=sys.stderr)

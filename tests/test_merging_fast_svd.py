@@ -217,6 +217,57 @@ def test_nearly_square_ill_conditioned_polar_takes_the_exact_svd(fast):
 
 
 # ------------------------------------------------------------------ TIES threshold
+def decaying_like_fine_tuning(gen, m, n):
+    """σ_i ∝ 1/i: λ_1/λ_k of the Gram matrix is k², far beyond float32's limit."""
+    return with_spectrum(gen, m, n, 1.0 / torch.arange(1, min(m, n) + 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("spectrum", ["flat", "fine_tuning"])
+def test_sketch_tells_ill_conditioned_leading_blocks_apart(spectrum):
+    gen = torch.Generator().manual_seed(3)
+    a = with_spectrum(gen, 300, 200, SPECTRA["flat"](200)) if spectrum == "flat" \
+        else decaying_like_fine_tuning(gen, 300, 200)
+    gram = a.T @ a
+    lam = torch.linalg.eigvalsh(gram.double()).flip(0)
+    lowest = 24
+    true_ratio = float(lam[0] / lam[lowest])
+    limit = _svd.SKETCH_MARGIN * _svd.FP32_MAX_COND
+    assert (true_ratio > limit) == (spectrum == "fine_tuning")  # the case is what it says
+    # the lower triangle is all the sketch reads (scipy's syrk leaves the upper one undefined)
+    assert _svd._sketch_exceeds(torch.tril(gram) + 7.0 * torch.triu(torch.ones_like(gram), 1), lowest, limit) \
+        == (spectrum == "fine_tuning")
+
+
+def test_fine_tuning_spectra_skip_the_float32_attempt_and_stay_exact(fast, monkeypatch):
+    gen = torch.Generator().manual_seed(4)
+    a = decaying_like_fine_tuning(gen, 240, 160)
+    attempts = []
+    leading = _svd._eigh_leading
+    monkeypatch.setattr(_svd, "_eigh_leading", lambda gram, count: attempts.append(gram.dtype) or leading(gram, count))
+    u, s, vh = _svd.top_singular_triplets(a, 20)
+    assert attempts == [torch.float64]
+    u64, s64, vh64 = torch.linalg.svd(a.double(), full_matrices=False)
+    assert rel(s, s64[:20]) < 1e-6
+    assert rel((u * s) @ vh, (u64[:, :20] * s64[:20]) @ vh64[:20]) < 1e-5
+    # a flat spectrum keeps the float32 route
+    attempts.clear()
+    _svd.top_singular_triplets(with_spectrum(gen, 240, 160, SPECTRA["flat"](160)), 20)
+    assert attempts == [torch.float32]
+
+
+def test_a_wrong_sketch_guess_costs_time_only(fast, monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    flat = with_spectrum(gen, 200, 120, SPECTRA["flat"](120))
+    steep = decaying_like_fine_tuning(gen, 200, 120)
+    expected = {name: torch.linalg.svd(m.double(), full_matrices=False) for name, m in (("flat", flat), ("steep", steep))}
+    for guess in (True, False):
+        monkeypatch.setattr(_svd, "_sketch_exceeds", lambda *args, guess=guess: guess)
+        for name, matrix in (("flat", flat), ("steep", steep)):
+            u, s, vh = _svd.top_singular_triplets(matrix, 15)
+            u64, s64, vh64 = expected[name]
+            assert rel((u * s) @ vh, (u64[:, :15] * s64[:15]) @ vh64[:15]) < 1e-5, (guess, name)
+
+
 def test_bracketed_kth_equals_sort_and_falls_back():
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(300_000, generator=gen) * torch.rand(300_000, generator=gen)
