@@ -216,7 +216,7 @@ def test_nearly_square_ill_conditioned_polar_takes_the_exact_svd(fast):
     assert rel(_svd.polar_factor(a), p64 @ q64) < 1e-4
 
 
-# ------------------------------------------------------------------ TIES threshold
+# ------------------------------------------------------------------ the sketch
 def decaying_like_fine_tuning(gen, m, n):
     """σ_i ∝ 1/i: λ_1/λ_k of the Gram matrix is k², far beyond float32's limit."""
     return with_spectrum(gen, m, n, 1.0 / torch.arange(1, min(m, n) + 1, dtype=torch.float64))
@@ -268,6 +268,7 @@ def test_a_wrong_sketch_guess_costs_time_only(fast, monkeypatch):
             assert rel((u * s) @ vh, (u64[:, :15] * s64[:15]) @ vh64[:15]) < 1e-5, (guess, name)
 
 
+# ------------------------------------------------------------------ TIES threshold
 def test_bracketed_kth_equals_sort_and_falls_back():
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(300_000, generator=gen) * torch.rand(300_000, generator=gen)
