@@ -44,7 +44,12 @@ Gram matrix is ``?syrk`` (one triangle, half the flops of ``A.T @ A``), a
 full eigendecomposition ``?syevd`` and the exact SVD ``?gesdd``, through
 scipy too (its OpenBLAS beat torch's MKL there); with more threads those
 stay torch's threaded calls. scipy's calls always run in the calling
-thread (``_one_blas_thread``). Other devices use torch's (cuSOLVER) calls.
+thread (``_one_blas_thread``); ``?syrk`` and ``?syevr`` go through
+``_lapack``, which calls scipy's exported routines without holding the GIL.
+The per-task decompositions of TSV-M and Iso-CTS run side by side on
+``torch.get_num_threads()`` threads, each single-threaded (``map_tasks``):
+one 768-wide eigendecomposition gains little from a second thread, separate
+ones gain nearly all of it. Other devices use torch's (cuSOLVER) calls.
 
 Matrices whose small side is below ``EXACT_BELOW`` (32) use torch's exact
 SVD (the overhead of the checks would dominate), so small cases are
@@ -56,8 +61,13 @@ rank-deficient spectra, and the CPU kernels against torch's.
 from __future__ import annotations
 
 import contextlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy
 import torch
+
+from cl_merge.merging import _lapack
 
 Tensor = torch.Tensor
 
@@ -94,21 +104,76 @@ NEARLY_SQUARE = 1.25  # long side / short side below this: exact SVD instead of 
 SUBSET_UP_TO = 0.25  # MRRR on a subset when at most this fraction of the eigenpairs is needed
 
 _blas_controller = None
+_blas_limit_lock = threading.Lock()
+_blas_limit_depth = 0
+_blas_limit = None
 
 
 @contextlib.contextmanager
 def _one_blas_thread():
     """scipy's LAPACK calls run in the calling thread. Its OpenBLAS worker
     threads would spin after each call next to torch's own pool: on two
-    cores that made TSV-M 1.2× and Iso-C 1.7× slower than with torch alone."""
-    global _blas_controller
-    if _blas_controller is None:
-        import scipy.linalg  # noqa: F401  (load its BLAS before the controller looks)
-        from threadpoolctl import ThreadpoolController
+    cores that made TSV-M 1.2× and Iso-C 1.7× slower than with torch alone.
+    Re-entrant and thread-safe: only the outermost entry sets and restores
+    the limit (``map_tasks``' workers enter it inside their caller's)."""
+    global _blas_controller, _blas_limit_depth, _blas_limit
+    with _blas_limit_lock:
+        if _blas_limit_depth == 0:
+            if _blas_controller is None:
+                import scipy.linalg  # noqa: F401  (load its BLAS before the controller looks)
+                from threadpoolctl import ThreadpoolController
 
-        _blas_controller = ThreadpoolController()
-    with _blas_controller.limit(limits=1, user_api="blas"):
+                _blas_controller = ThreadpoolController()
+            _blas_limit = contextlib.ExitStack()
+            _blas_limit.enter_context(_blas_controller.limit(limits=1, user_api="blas"))
+        _blas_limit_depth += 1
+    try:
         yield
+    finally:
+        with _blas_limit_lock:
+            _blas_limit_depth -= 1
+            if _blas_limit_depth == 0:
+                _blas_limit.close()
+                _blas_limit = None
+
+
+# smallest side from which map_tasks spreads matrices over threads: smaller
+# ones decompose in about a millisecond, less than starting the threads costs
+PARALLEL_FROM = 128
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def map_tasks(function, matrices: list[Tensor]) -> list:
+    """``[function(m) for m in matrices]``, spread over up to
+    ``torch.get_num_threads()`` threads for CPU matrices whose small side is
+    at least ``PARALLEL_FROM``.
+
+    Why: TSV-M and Iso-CTS decompose every task's matrix on its own, and
+    one 768-wide eigendecomposition scales poorly over threads (LAPACK's
+    tridiagonal reduction is bound by memory traffic), while separate ones
+    scale with the cores. Each worker runs single-threaded (torch's
+    intra-op threads and BLAS set to 1 for the duration, then restored), so
+    the kernels are those of a single-threaded run and the results are the
+    same bit for bit as ``torch.set_num_threads(1)`` gives. The heavy
+    kernels release the GIL (torch's, and ``_lapack``'s calls of scipy's
+    BLAS/LAPACK). torch's thread count is process-wide: other torch work
+    running at the same time in this process runs single-threaded meanwhile.
+    Memory: one decomposition's temporaries per worker (a float64 copy and
+    Gram matrices: about 30 MB per ViT-B/32 MLP matrix)."""
+    workers = min(len(matrices), torch.get_num_threads())
+    if workers < 2 or any(m.device.type != "cpu" or min(m.shape) < PARALLEL_FROM for m in matrices):
+        return [function(m) for m in matrices]
+    with _one_blas_thread(), _torch_threads(1), ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(function, matrices))
 
 
 def _on_lapack(tensor: Tensor, algorithmic: bool = False) -> bool:
@@ -125,11 +190,8 @@ def _gram(a: Tensor, wide: bool) -> Tensor:
     eigensolvers and the Cholesky factorisation read nothing else)."""
     if not _on_lapack(a):
         return a @ a.T if wide else a.T @ a
-    from scipy.linalg import blas
-
-    syrk = blas.ssyrk if a.dtype == torch.float32 else blas.dsyrk
-    with _one_blas_thread():  # Aᵀ of a row-major A is column-major: no copy
-        return torch.from_numpy(syrk(1.0, a.detach().numpy().T, trans=1 if wide else 0, lower=1))
+    with _one_blas_thread():  # a Fortran-ordered result: a view of AᵀA as it is
+        return torch.from_numpy(_lapack.syrk_lower(a.detach().contiguous().numpy(), wide))
 
 
 def _eigh_leading(gram: Tensor, count: int) -> tuple[Tensor, Tensor]:
@@ -138,12 +200,14 @@ def _eigh_leading(gram: Tensor, count: int) -> tuple[Tensor, Tensor]:
     size = gram.shape[0]
     subset = count <= SUBSET_UP_TO * size
     if _on_lapack(gram, algorithmic=subset):
-        import scipy.linalg
-
         with _one_blas_thread():
-            lam, vec = scipy.linalg.eigh(
-                gram.numpy(), lower=True, check_finite=False, overwrite_a=True,
-                driver="evr" if subset else "evd", subset_by_index=[size - count, size - 1] if subset else None)
+            if subset:
+                lam, vec = _lapack.syevr_leading(numpy.asfortranarray(gram.numpy()), count)
+            else:
+                import scipy.linalg
+
+                lam, vec = scipy.linalg.eigh(gram.numpy(), lower=True, check_finite=False, overwrite_a=True,
+                                             driver="evd")
         lam, vec = torch.from_numpy(lam), torch.from_numpy(vec)
     else:
         lam, vec = torch.linalg.eigh(gram)
@@ -231,8 +295,30 @@ def _full_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     fast paths give up on: LAPACK's ``?gesdd`` through scipy where
     ``_on_lapack`` says so (1.2× faster single-threaded than
     ``torch.linalg.svd``, which calls the same algorithm), torch's below
-    ``EXACT_BELOW``, with more threads and on other devices."""
+    ``EXACT_BELOW``, with more threads and on other devices.
+
+    ``?gesdd``'s divide and conquer can fail to converge on matrices that
+    are not even ill-conditioned: torch's float32 SVD at 2 threads failed on
+    Iso-CTS's 1024×1024 V of a ViT-L/14 matrix with condition number 2.2e3
+    (the failure that also stops FusionBench's Iso-CTS at 2 threads), while
+    the same call single-threaded, scipy's and float64 all converged. A
+    failed call is retried in float64, then by the QR-iteration SVD
+    ``?gesvd`` (slower, and it always converges); the result keeps the
+    input's precision."""
     a = matrix.to(_svd_dtype(matrix))
+    try:
+        return _gesdd(a)
+    except (torch.linalg.LinAlgError, numpy.linalg.LinAlgError):
+        pass
+    wider = a.to(torch.float64)
+    try:
+        u, s, vh = _gesdd(wider)
+    except (torch.linalg.LinAlgError, numpy.linalg.LinAlgError):
+        u, s, vh = _gesvd(wider)
+    return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
+def _gesdd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if not _on_lapack(a) or min(a.shape) < EXACT_BELOW:
         return torch.linalg.svd(a, full_matrices=False)
     import scipy.linalg
@@ -241,6 +327,17 @@ def _full_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         u, s, vh = scipy.linalg.svd(a.detach().numpy(), full_matrices=False, check_finite=False,
                                     lapack_driver="gesdd")
     return torch.from_numpy(u), torch.from_numpy(s), torch.from_numpy(vh)
+
+
+def _gesvd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    if a.device.type == "cuda":
+        return torch.linalg.svd(a, full_matrices=False, driver="gesvd")
+    import scipy.linalg
+
+    with _one_blas_thread():
+        u, s, vh = scipy.linalg.svd(a.detach().cpu().numpy(), full_matrices=False, check_finite=False,
+                                    lapack_driver="gesvd")
+    return tuple(torch.from_numpy(x).to(a.device) for x in (u, s, vh))
 
 
 def exact_truncated_svd(matrix: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -9,6 +9,7 @@ import torch
 from cl_merge.merging._svd import (
     is_svd_matrix,
     isotropic,
+    map_tasks,
     mean_of,
     orthogonalized_merge,
     top_triplets_and_left_complement,
@@ -106,17 +107,16 @@ def iso_cts_matrix(deltas: list[Tensor], common_space_fraction: float) -> Tensor
     u_c, s_c, vh_c, complement = top_triplets_and_left_complement(sum_of(deltas), common) \
         if per_task > 0 else (*truncated_svd(sum_of(deltas), common), None)
     us, ss, vhs = [u_c], [s_c], [vh_c]
+
+    def task_triplets(delta):
+        if complement is not None:
+            u, s, vh = truncated_svd(complement.T @ delta, per_task)
+            return complement @ u, s, vh
+        # τ_t without its component in the common subspace: (I − U_c U_cᵀ) τ_t
+        return truncated_svd(delta - u_c @ (u_c.T @ delta), per_task)
+
     if per_task > 0:
-        for delta in deltas:
-            if complement is not None:
-                u, s, vh = truncated_svd(complement.T @ delta, per_task)
-                us.append(complement @ u)
-                ss.append(s)
-                vhs.append(vh)
-                continue
-            # τ_t without its component in the common subspace: (I − U_c U_cᵀ) τ_t
-            residual = delta - u_c @ (u_c.T @ delta)
-            u, s, vh = truncated_svd(residual, per_task)
+        for u, s, vh in map_tasks(task_triplets, deltas):
             us.append(u)
             ss.append(s)
             vhs.append(vh)
@@ -150,7 +150,8 @@ class IsoCTS(MergeMethod):
     residual's top triplets from Gram-matrix eigendecompositions of the
     small side (``_svd``, precision by condition number as in TSV-M; only
     the leading eigenpairs, by MRRR, on CPU), the polar factors likewise.
-    Relative difference from a float64 reference on 8 random task vectors:
+    On CPU the tasks' residuals are decomposed side by side, one per thread
+    (``_svd.map_tasks``). Relative difference from a float64 reference on 8 random task vectors:
     3.4e-6 at 768×768 and 5.5e-6 at 3072×768 (a float32 SVD: 3.2e-5 and
     3.5e-5).
     """
