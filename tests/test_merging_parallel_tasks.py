@@ -188,3 +188,27 @@ def test_an_svd_that_fails_to_converge_is_retried(monkeypatch, failures):
     torch.testing.assert_close(s, torch.linalg.svdvals(a.double()).float())
     torch.testing.assert_close((u * s) @ vh, a, atol=1e-5, rtol=0)
     torch.testing.assert_close(u.T @ u, torch.eye(50), atol=1e-5, rtol=0)
+
+
+def test_opcm_and_dop_survive_an_svd_that_fails_to_converge(monkeypatch):
+    from cl_merge.merging.dop import principal_subspace
+    from cl_merge.merging.opcm import project_task_matrix
+
+    gen = torch.Generator().manual_seed(5)
+    merged, task = torch.randn(40, 30, generator=gen), torch.randn(40, 30, generator=gen)
+    want_opcm, want_dop = project_task_matrix(merged, task, 0.5), principal_subspace(task, 0.9)
+    real = torch.linalg.svd
+
+    def fails_in_float32(matrix, *args, **kwargs):
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", fails_in_float32)
+    got_opcm, got_dop = project_task_matrix(merged, task, 0.5), principal_subspace(task, 0.9)
+    assert got_opcm.dtype == torch.float32
+    torch.testing.assert_close(got_opcm, want_opcm, atol=1e-5, rtol=0)
+    assert got_dop[0].shape == want_dop[0].shape
+    torch.testing.assert_close(got_dop[1], want_dop[1])
+    # singular vectors up to sign
+    torch.testing.assert_close((got_dop[0] * want_dop[0]).sum(0).abs(), torch.ones(got_dop[0].shape[1]))

@@ -304,18 +304,30 @@ def _full_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     the same call single-threaded, scipy's and float64 all converged. A
     failed call is retried in float64, then by the QR-iteration SVD
     ``?gesvd`` (slower, and it always converges); the result keeps the
-    input's precision."""
-    a = matrix.to(_svd_dtype(matrix))
+    input's precision (``with_svd_retries``)."""
+    return with_svd_retries(_gesdd, matrix.to(_svd_dtype(matrix)))
+
+
+def with_svd_retries(svd, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``svd(a)`` (a thin SVD); where it fails to converge, ``svd`` of ``a``
+    in float64, then LAPACK's ``?gesvd`` in float64; the factors in ``a``'s dtype."""
     try:
-        return _gesdd(a)
+        return svd(a)
     except (torch.linalg.LinAlgError, numpy.linalg.LinAlgError):
         pass
     wider = a.to(torch.float64)
     try:
-        u, s, vh = _gesdd(wider)
+        u, s, vh = svd(wider)
     except (torch.linalg.LinAlgError, numpy.linalg.LinAlgError):
         u, s, vh = _gesvd(wider)
     return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
+def thin_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch.linalg.svd(a, full_matrices=False)``, retried where it fails
+    to converge (``with_svd_retries``): for the strategies that need every
+    singular triplet of a matrix (OPCM, DOP)."""
+    return with_svd_retries(lambda m: torch.linalg.svd(m, full_matrices=False), a)
 
 
 def _gesdd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from cl_merge.merging._stateful import RunningMergeStrategy
+from cl_merge.merging._svd import thin_svd
 from cl_merge.merging.base import MergeMethod, check_fraction, check_nonnegative, require
 from cl_merge.merging.lifecycle import TaskInput
 from cl_merge.merging.registry import register
@@ -22,7 +23,7 @@ def principal_subspace(task_matrix: Tensor, epsilon: float) -> tuple[Tensor, Ten
     cumulative singular-value shares below ``epsilon`` (the reference code's
     ``searchsorted(cumsum(s)/sum(s), epsilon)``: the component whose share
     first reaches ``epsilon`` is left out; a zero matrix keeps nothing)."""
-    u, s, vh = torch.linalg.svd(task_matrix, full_matrices=False)
+    u, s, vh = thin_svd(task_matrix)
     total = s.sum()
     k = int(torch.searchsorted(s.cumsum(0) / total, torch.tensor(epsilon, dtype=s.dtype))) if total > 0 else 0
     return u[:, :k], s[:k], vh[:k].T

@@ -9,6 +9,7 @@ import torch
 
 from cl_merge.core.state_dict import make_filter
 from cl_merge.merging._stateful import RunningMergeStrategy
+from cl_merge.merging._svd import thin_svd
 from cl_merge.merging.base import MergeMethod, check_fraction, require
 from cl_merge.merging.lifecycle import TaskInput
 from cl_merge.merging.registry import register
@@ -38,7 +39,7 @@ def project_task_matrix(merged: Tensor, task: Tensor, alpha: float) -> Tensor:
     task − U_r C_rr V_rᵀ − Σ_{r<=i<k} C_ii u_i v_iᵀ with C = U_kᵀ·task·V_k.
     The same matrix (U, V orthogonal), at a fraction of the cost for
     non-square weights (no m×m or n×n basis)."""
-    u, s, vh = torch.linalg.svd(merged, full_matrices=False)
+    u, s, vh = thin_svd(merged)
     r = leading_block_size(s, alpha)
     corner = u.T @ task @ vh.T  # C, [k, k]
     removed = (u[:, r:] * corner.diagonal()[r:]) @ vh[r:]
