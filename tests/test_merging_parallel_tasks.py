@@ -212,3 +212,8 @@ def test_opcm_and_dop_survive_an_svd_that_fails_to_converge(monkeypatch):
     torch.testing.assert_close(got_dop[1], want_dop[1])
     # singular vectors up to sign
     torch.testing.assert_close((got_dop[0] * want_dop[0]).sum(0).abs(), torch.ones(got_dop[0].shape[1]))
+
+
+def test_gil_free_calls_check_scipys_signature():
+    with pytest.raises(RuntimeError, match="dsyrk has an unexpected signature"):
+        _lapack._routine("blas", "dsyrk", 9)

@@ -37,7 +37,14 @@ def _routine(library: str, name: str, num_args: int):
     get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
     get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
     get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
-    address = get_pointer(capsule, get_name(capsule))
+    signature = get_name(capsule)
+    # the Cython signature names every argument: check their number and that
+    # integers are C ints (a 64-bit-integer build would be misread)
+    text = signature.decode()
+    arguments = text[text.index("(") + 1:text.rindex(")")].split(",")
+    if len(arguments) != num_args or not all(a.strip() == "int *" for a in arguments if "int" in a):
+        raise RuntimeError(f"scipy.linalg.cython_{library}.{name} has an unexpected signature: {text}")
+    address = get_pointer(capsule, signature)
     # CFUNCTYPE (not PYFUNCTYPE): ctypes releases the GIL for the call
     return ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * num_args))(address)
 
