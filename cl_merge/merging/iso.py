@@ -151,8 +151,8 @@ class IsoCTS(MergeMethod):
     small side (``_svd``, precision by condition number as in TSV-M; only
     the leading eigenpairs, by MRRR, on CPU), the polar factors likewise.
     On CPU the tasks' residuals are decomposed side by side, one per thread
-    (``_svd.map_tasks``). Relative difference from a float64 reference on 8 random task vectors:
-    3.4e-6 at 768×768 and 5.5e-6 at 3072×768 (a float32 SVD: 3.2e-5 and
+    (``_svd.map_tasks``). Relative difference from a float64 reference on 8
+    random task vectors: 3.4e-6 at 768×768 and 5.5e-6 at 3072×768 (a float32 SVD: 3.2e-5 and
     3.5e-5).
     """
 
