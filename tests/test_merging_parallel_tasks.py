@@ -114,6 +114,29 @@ def test_map_tasks_stays_serial_where_threads_cannot_pay(threads):
     assert set(_svd.map_tasks(lambda m: threading.get_ident(), task_matrices())) == {caller}
 
 
+def test_map_tasks_in_two_threads_at_once_leaves_the_thread_count_as_it_was(threads):
+    # a second section while one runs stays serial instead of racing on the
+    # process-wide thread count
+    torch.set_num_threads(2)
+    inner_ran_in = []
+    started, release = threading.Event(), threading.Event()
+
+    def first(matrix):
+        started.set()
+        release.wait(10)
+        return 0
+
+    outer = threading.Thread(target=lambda: _svd.map_tasks(first, task_matrices(count=2)))
+    outer.start()
+    assert started.wait(10)
+    caller = threading.get_ident()
+    _svd.map_tasks(lambda m: inner_ran_in.append(threading.get_ident()), task_matrices(count=2))
+    release.set()
+    outer.join()
+    assert set(inner_ran_in) == {caller}
+    assert torch.get_num_threads() == 2
+
+
 def test_map_tasks_raises_a_workers_error_and_restores_the_settings(threads):
     torch.set_num_threads(2)
     before_blas = blas_threads()

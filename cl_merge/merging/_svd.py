@@ -142,6 +142,9 @@ def _one_blas_thread():
 PARALLEL_FROM = 128
 
 
+_threads_section = threading.Lock()  # one map_tasks section at a time sets the thread counts
+
+
 @contextlib.contextmanager
 def _torch_threads(count: int):
     before = torch.get_num_threads()
@@ -165,15 +168,23 @@ def map_tasks(function, matrices: list[Tensor]) -> list:
     the kernels are those of a single-threaded run and the results are the
     same bit for bit as ``torch.set_num_threads(1)`` gives. The heavy
     kernels release the GIL (torch's, and ``_lapack``'s calls of scipy's
-    BLAS/LAPACK). torch's thread count is process-wide: other torch work
-    running at the same time in this process runs single-threaded meanwhile.
+    BLAS/LAPACK). torch's thread setting is partly process-wide (MKL's,
+    and what new threads start with): other torch work in this process may
+    run single-threaded meanwhile; a second section started from another
+    thread meanwhile runs serially.
     Memory: one decomposition's temporaries per worker (a float64 copy and
     Gram matrices: about 30 MB per ViT-B/32 MLP matrix)."""
     workers = min(len(matrices), torch.get_num_threads())
-    if workers < 2 or any(m.device.type != "cpu" or min(m.shape) < PARALLEL_FROM for m in matrices):
+    if workers < 2 or any(m.device.type != "cpu" or min(m.shape) < PARALLEL_FROM for m in matrices) \
+            or not _threads_section.acquire(blocking=False):
+        # (a section already running in another thread: setting and restoring
+        # the process-wide thread count from two threads would leave it wrong)
         return [function(m) for m in matrices]
-    with _one_blas_thread(), _torch_threads(1), ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(function, matrices))
+    try:
+        with _one_blas_thread(), _torch_threads(1), ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(function, matrices))
+    finally:
+        _threads_section.release()
 
 
 def _on_lapack(tensor: Tensor, algorithmic: bool = False) -> bool:
