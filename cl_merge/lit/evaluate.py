@@ -136,7 +136,7 @@ def predict_logits(
             if trim and since_trim >= TRIM_EVERY_BYTES:
                 del images, features, logits
                 release_freed_heap()
-                since_trim, trim = 0, device.type == "cpu"
+                since_trim = 0
     finally:
         encoder.train(was_training)
         head.train(head_training)

@@ -344,22 +344,21 @@ def thin_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def _gesdd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if not _on_lapack(a) or min(a.shape) < EXACT_BELOW:
         return torch.linalg.svd(a, full_matrices=False)
-    import scipy.linalg
-
-    with _one_blas_thread():
-        u, s, vh = scipy.linalg.svd(a.detach().numpy(), full_matrices=False, check_finite=False,
-                                    lapack_driver="gesdd")
-    return torch.from_numpy(u), torch.from_numpy(s), torch.from_numpy(vh)
+    return _scipy_svd(a, "gesdd")
 
 
 def _gesvd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if a.device.type == "cuda":
         return torch.linalg.svd(a, full_matrices=False, driver="gesvd")
+    return _scipy_svd(a, "gesvd")
+
+
+def _scipy_svd(a: Tensor, driver: str) -> tuple[Tensor, Tensor, Tensor]:
     import scipy.linalg
 
     with _one_blas_thread():
         u, s, vh = scipy.linalg.svd(a.detach().cpu().numpy(), full_matrices=False, check_finite=False,
-                                    lapack_driver="gesvd")
+                                    lapack_driver=driver)
     return tuple(torch.from_numpy(x).to(a.device) for x in (u, s, vh))
 
 

@@ -138,7 +138,7 @@ class DareTies(Ties):
 
     def transform_delta(self, key, delta, task_index):
         global _drawn_since_trim
-        _drawn_since_trim += delta.numel() * 4
+        _drawn_since_trim += delta.numel() * delta.element_size()
         if _drawn_since_trim >= TRIM_EVERY_BYTES:
             # TIES' passes draw every tensor of every task, sizes varying: glibc's
             # heap grew to three model copies at ViT-B/32 with nothing live
