@@ -67,7 +67,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy
 import torch
 
-from cl_merge.merging import _lapack
+from cl_merge.merging import _lapack, _placement
 
 Tensor = torch.Tensor
 
@@ -175,7 +175,7 @@ def map_tasks(function, matrices: list[Tensor]) -> list:
     Memory: one decomposition's temporaries per worker (a float64 copy and
     Gram matrices: about 30 MB per ViT-B/32 MLP matrix)."""
     workers = min(len(matrices), torch.get_num_threads())
-    if workers < 2 or any(m.device.type != "cpu" or min(m.shape) < PARALLEL_FROM for m in matrices) \
+    if workers < 2 or any(not _placement.host_kernels(m) or min(m.shape) < PARALLEL_FROM for m in matrices) \
             or not _threads_section.acquire(blocking=False):
         # (a section already running in another thread: setting and restoring
         # the process-wide thread count from two threads would leave it wrong)
@@ -192,7 +192,7 @@ def _on_lapack(tensor: Tensor, algorithmic: bool = False) -> bool:
     algorithm (``algorithmic``: MRRR on a subset), otherwise only when torch
     runs single-threaded (scipy's single-threaded OpenBLAS is then faster than
     torch's; with more threads torch's threaded MKL kernels are kept)."""
-    return tensor.device.type == "cpu" and tensor.dtype in (torch.float32, torch.float64) \
+    return _placement.host_kernels(tensor) and tensor.dtype in (torch.float32, torch.float64) \
         and (algorithmic or torch.get_num_threads() == 1)
 
 

@@ -46,6 +46,7 @@ from cl_merge.core.state_dict import (
     source_name,
 )
 from cl_merge.errors import HyperparameterError, MergeInputError
+from cl_merge.merging import _placement
 
 Tensor = torch.Tensor
 
@@ -389,7 +390,7 @@ def _merge_entry(method: MergeMethod, key: str, base: Tensor, deltas: list[Tenso
     """The merged entry and, with ``want_sum`` where it comes for free (chunk
     by chunk while each is in cache), the sum of its values: finite exactly
     when every value is (or None: the caller tests the result itself)."""
-    if not method.elementwise or base.device.type != "cpu":
+    if not method.elementwise or not _placement.host_kernels(base):
         return method.merge_tensor(key, base, deltas, context), None
     into = _overrides_into(method)
     chunk = method.into_chunk if into else _CHUNK

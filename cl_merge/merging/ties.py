@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from cl_merge.merging import _placement
 from cl_merge.merging._topk import (
     SAMPLE_STRIDE,
     BracketedKth,
@@ -255,13 +256,13 @@ class Ties(MergeMethod):
             flat_out, flat_base = out.view(-1), base.reshape(-1)
             flat = [w.reshape(-1) for w in weights]
             # on the CPU in cache-sized chunks (one chunk elsewhere)
-            step = self.into_chunk if base.device.type == "cpu" else max(1, base.numel())
+            step = self.into_chunk if _placement.host_kernels(base) else max(1, base.numel())
             for start in range(0, base.numel(), step):
                 part = slice(start, start + step)
                 self._fold_into(flat_out[part], flat_base[part], [w[part] for w in flat], thresholds)
             return out
         thresholds = [self._threshold_for(context, i) for i in range(len(deltas))]
-        if None in thresholds and base.numel() > _FOLD_CHUNK and base.device.type == "cpu":
+        if None in thresholds and base.numel() > _FOLD_CHUNK and _placement.host_kernels(base):
             # per-tensor top-k: thresholds first (they need the whole tensor),
             # then the fold in cache-sized chunks, as the engine does for
             # entry-wise merges
