@@ -348,6 +348,7 @@ def _gesdd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _gesvd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    # not a choice of kernels (``_placement``): torch takes ``driver`` on CUDA only
     if a.device.type == "cuda":
         return torch.linalg.svd(a, full_matrices=False, driver="gesvd")
     return _scipy_svd(a, "gesvd")
