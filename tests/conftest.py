@@ -1,4 +1,5 @@
-"""Shared test helpers: runs of tiny scenarios in an isolated cache."""
+"""Shared test helpers: runs of tiny scenarios in an isolated cache; the
+data-free strategies."""
 
 from __future__ import annotations
 
@@ -23,3 +24,10 @@ def run_quietly(scenario, out: Path, hook=None):
     if hook is not None:
         options.hook = hook
     return run_scenario(scenario, options)
+
+
+def data_free_methods() -> list[str]:
+    """The registered strategies that merge from weights alone (no model or data)."""
+    from cl_merge.merging import available_methods, build_strategy, get_method
+
+    return [m for m in available_methods() if "model" not in build_strategy(get_method(m)).needs]

@@ -13,10 +13,11 @@ import pytest
 import torch
 
 import cl_merge
+from conftest import data_free_methods
 from cl_merge.cli import merge_cmd
 from cl_merge.core.io import load_state_dict, save_state_dict
 from cl_merge.errors import CheckpointError, HyperparameterError, MergeInputError
-from cl_merge.merging import PerTaskMergeResult, available_methods, get_method, incremental_merger, merge
+from cl_merge.merging import PerTaskMergeResult, get_method, incremental_merger, merge
 from cl_merge.merging.lines import depth_table
 
 
@@ -39,14 +40,8 @@ def count_for(method):
     return 2 if method in ("slerp", "model_stock") else 3
 
 
-def _data_free(name):
-    from cl_merge.merging import build_strategy, get_method
-
-    return "model" not in build_strategy(get_method(name)).needs
-
-
 # ------------------------------------------------------------------ autograd inputs
-@pytest.mark.parametrize("method", [m for m in available_methods() if _data_free(m)])
+@pytest.mark.parametrize("method", data_free_methods())
 def test_requires_grad_inputs_merge_to_plain_tensors(method):
     pre, fts = models(count_for(method), requires_grad=True)
     result = merge(pre, fts, method)
@@ -219,7 +214,7 @@ def test_lines_incremental_needs_no_instance_state():
 
 
 # ------------------------------------------------------------------ device
-@pytest.mark.parametrize("method", [m for m in available_methods() if _data_free(m)])
+@pytest.mark.parametrize("method", data_free_methods())
 def test_device_cpu_runs_every_strategy_identically(method):
     pre, fts = models(count_for(method))
     plain, on_device = merge(pre, fts, method), merge(pre, fts, method, device="cpu")

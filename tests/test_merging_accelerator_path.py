@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import data_free_methods
 
 from cl_merge.merging import (
     PerTaskMergeResult,
     _placement,
-    available_methods,
-    build_strategy,
     get_method,
     incremental_merger,
     merge,
@@ -37,11 +36,7 @@ FEW_STEPS = {"dop": {"num_steps": 5}, "wudi": {"num_steps": 5}}
 INCREMENTAL_HPARAMS = {**FEW_STEPS, "model_stock": {"angle_average": "cosine"}}
 
 
-def _data_free(name: str) -> bool:
-    return "model" not in build_strategy(get_method(name)).needs
-
-
-DATA_FREE = [m for m in available_methods() if _data_free(m)]
+DATA_FREE = data_free_methods()
 
 
 @pytest.fixture(scope="module")
